@@ -1,0 +1,116 @@
+"""Generate the bundled demo dataset: short medical dictation and doctor-patient sentences spoken by espeak-ng.
+
+Run: `.venv/bin/python scripts/make_demo_data.py` (needs the `espeak-ng` Debian package). The output,
+`data/sources/demo/`, is committed, so nothing else in the project needs espeak-ng. It is a Hugging Face
+"audiofolder" (audio files plus `metadata.csv`), the layout a team's own recordings would use.
+
+Most clips are 16 kHz mono FLAC. A few are stored at 8 kHz, 22.05 kHz or 44.1 kHz stereo on purpose, so the demo
+run also exercises the pipeline's downmix/resample repair. espeak-ng's voices stand in for speakers.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+OUT = Path("data/sources/demo")
+
+VOICES = ["en-us+m3", "en-gb+f2", "en-us+f4", "en-gb-x-rp+m1", "en-us+m7", "en-029+f3"]
+
+# Dictation (drug names, doses, findings) and conversation turns; kept short so the demo stays small.
+SENTENCES = [
+    "Patient is a fifty two year old male presenting with chest pain radiating to the left arm.",
+    "Start metoprolol twenty five milligrams by mouth twice daily.",
+    "Blood pressure is one forty over ninety, heart rate eighty eight.",
+    "Impression: community acquired pneumonia of the right lower lobe.",
+    "Continue atorvastatin forty milligrams at bedtime.",
+    "The patient denies fever, chills or night sweats.",
+    "Prescribe amoxicillin five hundred milligrams three times a day for seven days.",
+    "History of type two diabetes mellitus, managed with metformin.",
+    "Lungs are clear to auscultation bilaterally.",
+    "Order a complete blood count and a basic metabolic panel.",
+    "Follow up in the cardiology clinic in two weeks.",
+    "Hemoglobin A1c is seven point eight percent.",
+    "No known drug allergies.",
+    "Abdomen is soft, non tender, non distended.",
+    "Plan: increase lisinopril to twenty milligrams daily.",
+    "Chest x ray shows no acute cardiopulmonary process.",
+    "The wound is healing well with no signs of infection.",
+    "Administer ondansetron four milligrams intravenously as needed for nausea.",
+    "Patient reports shortness of breath on exertion.",
+    "Electrocardiogram shows normal sinus rhythm.",
+    "Discontinue ibuprofen because of gastric irritation.",
+    "Start insulin glargine ten units at night.",
+    "Refer to physical therapy for lower back pain.",
+    "Thyroid stimulating hormone is within normal limits.",
+    "How long have you had this cough?",
+    "It started about three weeks ago and it is worse at night.",
+    "Are you taking any medications at the moment?",
+    "Just my inhaler and some paracetamol for the headaches.",
+    "Does the pain get worse when you breathe in?",
+    "Yes, especially when I take a deep breath.",
+    "Have you noticed any swelling in your ankles?",
+    "A little in the evenings, it goes down overnight.",
+    "Any history of asthma in your family?",
+    "My mother has asthma and my brother has eczema.",
+    "I would like to listen to your chest now.",
+    "We will send a blood test to check your kidney function.",
+    "Take the antibiotic with food to avoid an upset stomach.",
+    "Come back if the fever does not settle in two days.",
+    "Do you smoke or drink alcohol?",
+    "I quit smoking five years ago.",
+    "The rash appeared after I started the new tablets.",
+    "We will switch you to a different blood pressure medicine.",
+    "Your oxygen saturation is ninety six percent on room air.",
+    "Rate the pain from zero to ten for me.",
+    "About a seven, it is a sharp stabbing pain.",
+    "Any numbness or tingling in your hands or feet?",
+    "I get dizzy when I stand up too quickly.",
+    "We will check your blood sugar before breakfast tomorrow.",
+]
+
+# (index modulo 12) -> how the clip is stored; most are plain 16 kHz mono.
+ODD_FORMATS = {3: ("8k", 8000, 1), 7: ("44k-stereo", 44100, 2), 10: ("22k", 22050, 1)}
+
+
+def speak(text: str, voice: str) -> tuple[np.ndarray, int]:
+    wav = subprocess.run(
+        ["espeak-ng", "-v", voice, "-s", "155", "--stdout", text], check=True, capture_output=True
+    ).stdout
+    audio, rate = sf.read(io.BytesIO(wav), dtype="float32")
+    return audio, rate
+
+
+def store(audio: np.ndarray, rate: int, target_rate: int, channels: int) -> np.ndarray:
+    out = soxr.resample(audio, rate, target_rate) if rate != target_rate else audio
+    if channels == 2:  # a slightly delayed, quieter second channel, like a second microphone
+        delayed = np.concatenate([np.zeros(int(0.002 * target_rate), dtype=out.dtype), out])[: len(out)]
+        out = np.stack([out, 0.8 * delayed], axis=1)
+    return out
+
+
+def main() -> None:
+    (OUT / "audio").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, text in enumerate(SENTENCES):
+        voice = VOICES[i % len(VOICES)]
+        audio, rate = speak(text, voice)
+        tag, target_rate, channels = ODD_FORMATS.get(i % 12, ("16k", 16000, 1))
+        name = f"audio/demo_{i:03d}_{tag}.flac"
+        sf.write(OUT / name, store(audio, rate, target_rate, channels), target_rate, subtype="PCM_16")
+        rows.append({"file_name": name, "text": text, "speaker": voice, "utterance_id": f"demo_{i:03d}"})
+    with open(OUT / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {len(rows)} clips to {OUT}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""`medasr`: the command line. It only loads params and delegates to one stage module per command.
+
+Each stage command validates the whole params file first (every problem reported at once, exit 2) and only then
+imports its stage, so a typo costs milliseconds and never touches outputs. Heavy imports (datasets, NeMo) happen
+inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from dotenv import load_dotenv
+
+from stages import log as logs
+from stages.params import Params, ParamsError, load_params
+
+app = typer.Typer(
+    help="Medical speech fine-tuning pipeline for canary-qwen-2.5b. DVC calls one command per stage; "
+    "run `dvc repro` for the whole pipeline.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", "-p", help="Params file (relative to the working dir).")
+EXIT_BAD_PARAMS = 2
+EXIT_STAGE_FAILED = 1
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    # Variables already in the environment win over .env, so a pod's injected secrets are never shadowed.
+    load_dotenv(Path.cwd() / ".env", override=False)
+    logs.setup(verbose)
+
+
+def _params(path: Path) -> Params:
+    try:
+        return load_params(path)
+    except ParamsError as exc:
+        typer.echo(f"error: invalid params in {exc.source}:", err=True)
+        for problem in exc.problems:
+            typer.echo(f"  - {problem}", err=True)
+        raise typer.Exit(EXIT_BAD_PARAMS) from None
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(EXIT_STAGE_FAILED)
+
+
+@app.command()
+def fetch(params: Path = PARAMS_OPTION) -> None:
+    """Read the dataset named by fetch.* (hub id or local parquet/audiofolder/NeMo manifest).
+
+    Writes data/raw/ (parquet shards of original audio bytes + text, and source.json).
+    """
+    p = _params(params)
+    from stages import fetch as stage
+
+    try:
+        stage.run(p.fetch)
+    except stage.FetchError as exc:
+        raise _fail(exc) from None
+
+
+@app.command()
+def subset(params: Path = PARAMS_OPTION) -> None:
+    """Filter data/raw/ and split it into train/val by stable hashes, per subset.*.
+
+    Writes data/subset/{train,val,dropped}.jsonl and metrics/data.json (kept, hours, dropped per reason).
+    """
+    p = _params(params)
+    from stages import subset as stage
+
+    try:
+        stage.run(p.subset)
+    except FileNotFoundError as exc:
+        raise _fail(exc) from None
+
+
+@app.command()
+def manifest(params: Path = PARAMS_OPTION) -> None:
+    """Decode, downmix and resample the subset to 16 kHz mono FLAC, per manifest.*.
+
+    Reads data/subset/ and data/raw/; writes data/manifests/{train,val}.json (NeMo manifests) and audio/.
+    """
+    p = _params(params)
+    from stages import manifest as stage
+
+    try:
+        stage.run(p.manifest)
+    except FileNotFoundError as exc:
+        raise _fail(exc) from None
+
+
+@app.command()
+def doctor(params: Path = PARAMS_OPTION) -> None:
+    """Check this machine: package versions, GPU, disk, DVC remote, W&B mode, secrets present, params valid.
+
+    Prints a table; exits 1 when a check fails. Secret values are never printed, only whether they are set.
+    """
+    from stages import doctor as stage
+
+    checks = stage.run_checks(params)
+    stage.print_table(checks)
+    if any(c.status == "fail" for c in checks):
+        raise typer.Exit(EXIT_STAGE_FAILED)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

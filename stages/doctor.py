@@ -1,0 +1,117 @@
+"""`medasr doctor`: what this machine offers the pipeline, as one table. Reads, never writes."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from stages.params import ParamsError, load_params
+
+Status = Literal["ok", "warn", "fail"]
+
+PACKAGES = ("torch", "nemo_toolkit", "transformers", "lightning", "lhotse", "peft", "dvc", "dvc-s3", "datasets")
+# Presence only: these values are never read into the table.
+SECRETS = ("WANDB_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "RUNPOD_API_KEY")
+MIN_FREE_DISK_GIB = 20  # the released checkpoint (~5 GB), HF/NeMo caches, DVC cache and checkpoints
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    value: str
+    status: Status = "ok"
+
+
+def _version(package: str) -> Check:
+    try:
+        return Check(package, metadata.version(package))
+    except metadata.PackageNotFoundError:
+        return Check(package, "not installed", "fail")
+
+
+def _gpu() -> Check:
+    import torch
+
+    if not torch.cuda.is_available():
+        return Check("gpu", f"none (CPU only; torch {torch.__version__})", "warn")
+    names = [
+        f"{torch.cuda.get_device_name(i)} ({torch.cuda.get_device_properties(i).total_memory / 2**30:.0f} GiB)"
+        for i in range(torch.cuda.device_count())
+    ]
+    return Check("gpu", ", ".join(names))
+
+
+def _disk() -> Check:
+    free = shutil.disk_usage(Path.cwd()).free / 2**30
+    return Check("disk free", f"{free:.0f} GiB at {Path.cwd()}", "ok" if free >= MIN_FREE_DISK_GIB else "warn")
+
+
+def _redact(url: str) -> str:
+    """Drop any user:password@ from a URL before showing it."""
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        parts = parts._replace(netloc=parts.hostname or "")
+    return urlunsplit(parts)
+
+
+def _dvc_remote() -> Check:
+    try:
+        out = subprocess.run(["dvc", "remote", "list"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return Check("dvc remote", f"dvc not runnable: {exc}", "fail")
+    if out.returncode != 0:
+        return Check("dvc remote", out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "dvc failed", "warn")
+    remotes = [line.split() for line in out.stdout.splitlines() if line.strip()]
+    if not remotes:
+        return Check("dvc remote", "none configured (`dvc push` has nowhere to go)", "warn")
+    default = [r for r in remotes if len(r) > 2 and "(default)" in r]
+    shown = default or remotes
+    return Check("dvc remote", "; ".join(f"{r[0]} {_redact(r[1])}" for r in shown) + (" (default)" if default else ""))
+
+
+def _wandb() -> Check:
+    mode = os.environ.get("WANDB_MODE")
+    if mode in {"offline", "disabled"}:
+        return Check("wandb", f"{mode} (WANDB_MODE)")
+    if os.environ.get("WANDB_API_KEY"):
+        return Check("wandb", "online (WANDB_API_KEY set)")
+    return Check("wandb", "offline: no WANDB_API_KEY (runs sync later with `wandb sync`)", "warn")
+
+
+def _params(path: Path) -> Check:
+    try:
+        p = load_params(path)
+    except ParamsError as exc:
+        return Check("params", f"{path}: " + "; ".join(exc.problems), "fail")
+    return Check("params", f"{path} valid (model {p.model.preset}, dataset {p.fetch.dataset})")
+
+
+def run_checks(params: Path) -> list[Check]:
+    checks = [Check("python", platform.python_version())]
+    checks += [_version(p) for p in PACKAGES]
+    checks += [_gpu(), _disk(), _dvc_remote(), _wandb()]
+    checks += [Check(f"${name}", "set" if os.environ.get(name) else "not set") for name in SECRETS]
+    checks.append(_params(params))
+    return checks
+
+
+def print_table(checks: list[Check]) -> None:
+    table = Table(title="medasr doctor")
+    table.add_column("check")
+    table.add_column("value")
+    table.add_column("status")
+    colour = {"ok": "green", "warn": "yellow", "fail": "red"}
+    for c in checks:
+        table.add_row(escape(c.name), escape(c.value), f"[{colour[c.status]}]{c.status}[/]")
+    Console().print(table)

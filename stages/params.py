@@ -1,0 +1,130 @@
+"""Typed params: one validated block per stage, loaded from params.yaml.
+
+Every block is checked before a stage touches anything. All problems in the file are reported together, each with
+its key path (`subset.max_duration: ...`), so a user fixes them in one pass. `params.yaml` is the single source of
+values; the models here only say what is allowed, so fields without a natural "unset" are required.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# canary-qwen-2.5b was trained on clips up to 40 s; longer input degrades or is truncated.
+MODEL_MAX_AUDIO_SECONDS = 40.0
+
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+
+class ParamsError(ValueError):
+    """params.yaml is unreadable or invalid; `problems` lists every issue found, one line each."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class _Block(BaseModel):
+    # strict: a quoted "10" is a typo, not an int; extra="forbid": a misspelt key must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class FetchParams(_Block):
+    dataset: NonEmptyStr = Field(
+        description="Hugging Face hub id, or a local path: parquet file/folder, audiofolder, or NeMo manifest (.json)"
+    )
+    revision: str | None = Field(None, description="hub only: commit sha to pin (ignored for local paths)")
+    config: str | None = Field(None, description="hub only: dataset config name (ignored for local paths)")
+    split: NonEmptyStr = Field(description="split to read; a local source with a single split uses that one")
+    audio_column: NonEmptyStr
+    text_column: NonEmptyStr
+    id_column: str | None = Field(None, description="column holding a stable row id; else ids are content hashes")
+    group_column: str | None = Field(None, description="speaker/recording column; a group never straddles splits")
+    max_rows: int | None = Field(None, gt=0, description="read at most this many rows (hub sources are streamed)")
+
+
+class SubsetParams(_Block):
+    seed: int
+    train_size: int = Field(ge=0, description="cap on train rows (the rows with the lowest hashes are kept)")
+    val_size: int = Field(ge=0, description="cap on val rows; val_size/(train_size+val_size) is the val fraction")
+    min_duration: float = Field(ge=0, description="seconds; shorter clips are dropped")
+    max_duration: float = Field(gt=0, le=MODEL_MAX_AUDIO_SECONDS, description="seconds; longer clips are dropped")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.min_duration > self.max_duration:
+            raise ValueError(f"min_duration ({self.min_duration}) is greater than max_duration ({self.max_duration})")
+        if self.train_size + self.val_size == 0:
+            raise ValueError("train_size and val_size are both 0: nothing would be kept")
+        return self
+
+
+class ManifestParams(_Block):
+    text_normalization: Literal["unicode", "none"] = Field(
+        description="training targets: 'unicode' = NFC + collapsed whitespace (casing and punctuation kept, as the "
+        "model emits them); 'none' = verbatim"
+    )
+
+
+class ModelParams(_Block):
+    preset: Literal["canary-qwen-2.5b", "tiny"]
+
+
+class LoraParams(_Block):
+    rank: int = Field(gt=0)
+    alpha: float = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    target_modules: list[NonEmptyStr] = Field(min_length=1)
+
+
+class TrainParams(_Block):
+    max_steps: int = Field(gt=0)
+    seed: int
+    checkpoint_every: int = Field(gt=0)
+
+
+class Params(_Block):
+    fetch: FetchParams
+    subset: SubsetParams
+    manifest: ManifestParams
+    model: ModelParams
+    lora: LoraParams
+    train: TrainParams
+
+
+def _describe(error: Any) -> str:
+    path = ".".join(str(part) for part in error["loc"]) or "<top level>"
+    if error["type"] == "extra_forbidden":
+        return f"{path}: unknown key"
+    if error["type"] == "missing":
+        return f"{path}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"].startswith("value_error"):  # cross-field checks already name their values
+        return f"{path}: {message}"
+    return f"{path}: {message} (got {error['input']!r})"
+
+
+def parse_params(data: Any, source: str = "params") -> Params:
+    """Validate an already-parsed params mapping; raise ParamsError listing every problem."""
+    if not isinstance(data, dict):
+        raise ParamsError(source, [f"expected a mapping of blocks, got {type(data).__name__}"])
+    try:
+        return Params.model_validate(data)
+    except ValidationError as exc:
+        raise ParamsError(source, [_describe(e) for e in exc.errors()]) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file (relative paths are taken from the working directory, as DVC runs stages)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(str(path), ["file not found"]) from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(str(path), [f"not valid YAML: {exc}"]) from None
+    return parse_params(data, str(path))

@@ -1,0 +1,103 @@
+"""Shared test helpers: synthetic audio, raw-row builders, and a scratch clone of the repo for DVC runs."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import soundfile as sf
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_DATA = REPO / "data" / "sources" / "demo"
+VENV_BIN = Path(sys.executable).parent
+
+
+def tone(seconds: float, rate: int = 16_000, channels: int = 1, freq: float = 440.0) -> np.ndarray:
+    t = np.arange(round(seconds * rate)) / rate
+    mono = (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+    return mono if channels == 1 else np.stack([mono] * channels, axis=1)
+
+
+def audio_bytes(samples: np.ndarray, rate: int = 16_000, fmt: str = "WAV") -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, samples, rate, format=fmt, subtype="PCM_16")
+    return buf.getvalue()
+
+
+def wav(seconds: float = 1.0, rate: int = 16_000, channels: int = 1, freq: float = 440.0) -> bytes:
+    return audio_bytes(tone(seconds, rate, channels, freq), rate)
+
+
+def write_audio_parquet(path: Path, rows: list[dict[str, Any]], audio_feature: bool = False) -> Path:
+    """A parquet file of audio rows as found in the wild: `audio` is a {bytes, path} struct, optionally carrying the
+    `datasets` Audio feature in its schema metadata (as hub exports do)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if audio_feature:
+        import datasets
+
+        ds = datasets.Dataset.from_list(rows).cast_column("audio", datasets.Audio(decode=False))
+        ds.to_parquet(str(path))
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def raw_row(i: int, audio: bytes | None, text: str | None, **extra: Any) -> dict[str, Any]:
+    """A row of data/raw in the fetch stage's schema."""
+    row = {"row": i, "source_id": None, "group": None, "audio": audio, "source_path": f"clip{i}.wav", "text": text}
+    return row | extra
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+def scratch_clone(dest: Path) -> Path:
+    """Copy what a fresh clone would hold (tracked and untracked-but-not-ignored files) into a new git repo, so the
+    tests exercise the working tree as it is, uncommitted changes included."""
+    files = git(REPO, "ls-files", "--cached", "--others", "--exclude-standard", "-z").split("\0")
+    for name in filter(None, files):
+        src = REPO / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    git(dest, "init", "-q", "-b", "main")
+    git(dest, "config", "user.email", "tests@medasr.invalid")
+    git(dest, "config", "user.name", "medasr tests")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-q", "-m", "scratch clone")
+    return dest
+
+
+def run_env() -> dict[str, str]:
+    """Environment for CLI/DVC subprocesses: the venv first on PATH (DVC runs `medasr` through the shell)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["WANDB_MODE"] = "offline"
+    return env
+
+
+def run(cwd: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, cwd=cwd, env=run_env(), capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def set_params(repo: Path, **overrides: Any) -> None:
+    """Edit params.yaml in a scratch repo: set_params(repo, **{"fetch.dataset": "x"})."""
+    path = repo / "params.yaml"
+    data = yaml.safe_load(path.read_text())
+    for key, value in overrides.items():
+        block, field = key.split(".")
+        data[block][field] = value
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
