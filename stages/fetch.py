@@ -70,7 +70,7 @@ def resolve_source(dataset: str) -> Source:
             return Source("nemo_manifest", str(path))
         raise FetchError(f"fetch.dataset {dataset!r}: a file must be .parquet or a NeMo manifest (.json/.jsonl)")
     if path.is_dir():
-        if any(path.glob("metadata.csv")) or any(path.glob("metadata.jsonl")):
+        if any(path.glob("metadata.csv")) or any(path.glob("metadata.jsonl")) or any(path.glob("*/metadata.*")):
             return Source("audiofolder", str(path))
         if any(path.rglob("*.parquet")):
             return Source("parquet", str(path))

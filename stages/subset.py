@@ -57,7 +57,7 @@ class Candidate:
     duration: float
     sample_rate: int
     channels: int
-    text: str
+    text: str  # as in the source: the manifest stage applies the training-target normalisation
 
 
 def _hash01(*parts: str) -> float:
@@ -126,7 +126,9 @@ def screen(raw_dir: Path, p: SubsetParams) -> tuple[list[Candidate], list[dict[s
             seen_content.add(content)
             seen_ids.add(row_id)
             candidates.append(
-                Candidate(row_id, shard.name, i, row["group"], audio.duration, audio.sample_rate, audio.channels, text)
+                Candidate(
+                    row_id, shard.name, i, row["group"], audio.duration, audio.sample_rate, audio.channels, row["text"]
+                )
             )
     return candidates, dropped, rows_in
 
