@@ -6,6 +6,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -67,7 +68,10 @@ def _redact(url: str) -> str:
 
 def _dvc_remote() -> Check:
     try:
-        out = subprocess.run(["dvc", "remote", "list"], capture_output=True, text=True, timeout=60)
+        # this interpreter's DVC, not whichever `dvc` is first on PATH
+        out = subprocess.run(
+            [sys.executable, "-m", "dvc", "remote", "list"], capture_output=True, text=True, timeout=60
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return Check("dvc remote", f"dvc not runnable: {exc}", "fail")
     if out.returncode != 0:

@@ -8,10 +8,10 @@ values; the models here only say what is allowed, so fields without a natural "u
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 # canary-qwen-2.5b was trained on clips up to 40 s; longer input degrades or is truncated.
 MODEL_MAX_AUDIO_SECONDS = 40.0
@@ -54,13 +54,22 @@ class SubsetParams(_Block):
     min_duration: float = Field(ge=0, description="seconds; shorter clips are dropped")
     max_duration: float = Field(gt=0, le=MODEL_MAX_AUDIO_SECONDS, description="seconds; longer clips are dropped")
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Self:
-        if self.min_duration > self.max_duration:
-            raise ValueError(f"min_duration ({self.min_duration}) is greater than max_duration ({self.max_duration})")
-        if self.train_size + self.val_size == 0:
+    # Field validators (not a model validator) so these run even when another field is invalid: every problem
+    # is reported in one pass. Each sees the fields declared before it.
+    @field_validator("val_size")
+    @classmethod
+    def _something_kept(cls, val_size: int, info: ValidationInfo) -> int:
+        if val_size == 0 and info.data.get("train_size") == 0:
             raise ValueError("train_size and val_size are both 0: nothing would be kept")
-        return self
+        return val_size
+
+    @field_validator("max_duration")
+    @classmethod
+    def _min_below_max(cls, max_duration: float, info: ValidationInfo) -> float:
+        min_duration = info.data.get("min_duration")
+        if min_duration is not None and min_duration > max_duration:
+            raise ValueError(f"min_duration ({min_duration}) is greater than max_duration ({max_duration})")
+        return max_duration
 
 
 class ManifestParams(_Block):

@@ -49,17 +49,21 @@ def test_all_problems_reported_together_with_key_paths(committed_params):
     assert "train.seed: required key is missing" in joined
 
 
-def test_min_greater_than_max_duration(committed_params):
+def test_cross_field_problems_are_reported_beside_field_problems(committed_params):
     data = copy.deepcopy(committed_params)
-    data["subset"].update(min_duration=20.0, max_duration=10.0)
-    data["subset"]["val_size"] = -1
+    data["subset"].update(min_duration=20.0, max_duration=10.0, val_size=-1)
     with pytest.raises(ParamsError) as info:
         parse_params(data)
-    # the field error and the cross-field error are independent problems; the field error is reported,
-    # and once fixed the cross-field one surfaces
-    assert any(p.startswith("subset.val_size") for p in info.value.problems)
-    data["subset"]["val_size"] = 5
-    with pytest.raises(ParamsError, match=r"subset: min_duration \(20.0\) is greater than max_duration \(10.0\)"):
+    problems = info.value.problems
+    assert len(problems) == 2, problems
+    assert any(p.startswith("subset.val_size:") for p in problems)
+    assert "subset.max_duration: min_duration (20.0) is greater than max_duration (10.0)" in problems
+
+
+def test_nothing_to_keep_is_an_error(committed_params):
+    data = copy.deepcopy(committed_params)
+    data["subset"].update(train_size=0, val_size=0)
+    with pytest.raises(ParamsError, match=r"subset\.val_size: train_size and val_size are both 0"):
         parse_params(data)
 
 

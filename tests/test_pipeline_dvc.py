@@ -1,0 +1,128 @@
+"""The real pipeline: `dvc repro` / `dvc exp run` / `make demo` driving the `medasr` CLI in a scratch clone."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from helpers import VENV_BIN, run, scratch_clone, set_params, wav, write_audio_parquet
+
+pytestmark = pytest.mark.e2e
+
+STAGES = ("fetch", "subset", "manifest")
+
+
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '(\w+)'", output))
+
+
+def skipped(output: str) -> set[str]:
+    return set(re.findall(r"Stage '(\w+)' didn't change, skipping", output))
+
+
+def parquet_rows(n: int, start: int = 0) -> list[dict]:
+    rows = []
+    for i in range(start, start + n):
+        rate, channels = [(16_000, 1), (8_000, 1), (44_100, 2)][i % 3]
+        audio = wav(0.6 + 0.05 * (i % 5), rate=rate, channels=channels, freq=150.0 + 7 * i)
+        rows.append({"audio": {"bytes": audio, "path": f"{i}.wav"}, "text": f"Dictation number {i}.", "uid": f"r{i}"})
+    return rows
+
+
+BAD_ROWS = [
+    {"audio": {"bytes": b"\x00corrupt" * 50, "path": "bad.wav"}, "text": "corrupt audio", "uid": "bad1"},
+    {"audio": {"bytes": wav(1.0, freq=999.0), "path": "notext.wav"}, "text": "", "uid": "bad2"},
+    {"audio": {"bytes": wav(35.0, freq=60.0), "path": "long.wav"}, "text": "far too long", "uid": "bad3"},
+]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    return scratch_clone(tmp_path_factory.mktemp("clone"))
+
+
+def manifest_bytes(repo: Path) -> dict[str, bytes]:
+    out = repo / "data" / "manifests"
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_repro_on_a_local_parquet_then_skips_and_reruns_only_what_changed(repo):
+    source = repo / "data" / "sources" / "mini" / "rows.parquet"
+    write_audio_parquet(source, parquet_rows(24) + BAD_ROWS)
+    set_params(
+        repo,
+        **{
+            "fetch.dataset": "data/sources/mini/rows.parquet",
+            "fetch.text_column": "text",
+            "fetch.id_column": "uid",
+            "subset.train_size": 20,
+            "subset.val_size": 5,
+        },
+    )
+
+    first = run(repo, "dvc", "repro", "manifest")
+    assert ran(first.stdout) == set(STAGES), first.stdout
+
+    metrics = json.loads((repo / "metrics" / "data.json").read_text())
+    assert metrics["rows_in"] == 27
+    assert metrics["dropped"]["undecodable_audio"] == 1
+    assert metrics["dropped"]["empty_text"] == 1
+    assert metrics["dropped"]["too_long"] == 1
+    assert sum(metrics["kept"].values()) + metrics["dropped"]["over_cap"] == 24
+    train = [json.loads(line) for line in (repo / "data" / "manifests" / "train.json").read_text().splitlines()]
+    assert train and all((repo / "data" / "manifests" / r["audio_filepath"]).is_file() for r in train)
+
+    again = run(repo, "dvc", "repro")
+    assert ran(again.stdout) == set() and skipped(again.stdout) == set(STAGES), again.stdout
+    assert "up to date" in run(repo, "dvc", "status").stdout
+
+    # from scratch again: byte-identical manifests and audio
+    before = manifest_bytes(repo)
+    forced = run(repo, "dvc", "repro", "--force")
+    assert ran(forced.stdout) == set(STAGES)
+    assert manifest_bytes(repo) == before
+
+    # a subset param re-runs subset and manifest, never fetch
+    set_params(repo, **{"subset.seed": 99})
+    reseeded = run(repo, "dvc", "repro")
+    assert ran(reseeded.stdout) == {"subset", "manifest"} and "fetch" in skipped(reseeded.stdout)
+
+    # new rows in the local source re-run fetch (data/sources is a dependency)
+    write_audio_parquet(source, parquet_rows(30) + BAD_ROWS)
+    grown = run(repo, "dvc", "repro")
+    assert "fetch" in ran(grown.stdout)
+    assert json.loads((repo / "metrics" / "data.json").read_text())["rows_in"] == 33
+
+    shown = run(repo, "dvc", "metrics", "show", "--json")
+    assert json.loads(shown.stdout)  # DVC reads metrics/data.json as a metric
+
+
+def test_bad_params_stop_the_stage_with_every_problem_listed(repo):
+    set_params(repo, **{"subset.min_duration": 50.0, "subset.val_size": -2})
+    proc = run(repo, "dvc", "repro", "subset", check=False)
+    assert proc.returncode != 0
+    err = proc.stdout + proc.stderr
+    assert "subset.val_size:" in err
+    assert "subset.max_duration: min_duration (50.0) is greater than max_duration" in err
+    run(repo, "git", "checkout", "params.yaml")
+
+
+def test_make_demo_runs_the_pipeline_offline_and_leaves_it_up_to_date(tmp_path):
+    clone = scratch_clone(tmp_path)
+    # `-o install`: reuse the test venv instead of creating one in the clone
+    demo = run(clone, "make", "-o", "install", "demo", f"VENV={VENV_BIN.parent}")
+    assert ran(demo.stdout) == set(STAGES), demo.stdout
+    assert "metrics/data.json" in demo.stdout  # `dvc metrics show` table
+
+    metrics = json.loads((clone / "metrics" / "data.json").read_text())
+    assert metrics["rows_in"] == 48 and metrics["kept"]["train"] > 0 and metrics["kept"]["val"] > 0
+    assert metrics["dropped_total"] == metrics["dropped"]["over_cap"]  # the demo audio has no bad rows
+
+    again = run(clone, "dvc", "repro")
+    assert skipped(again.stdout) == set(STAGES) and not ran(again.stdout)
+    # the demo overrides live in the workspace; the committed params.yaml is unchanged in git
+    committed = run(clone, "git", "show", "HEAD:params.yaml").stdout
+    assert "Hani89/medical_asr_recording_dataset" in committed
+    assert "data/sources/demo" in (clone / "params.yaml").read_text()
