@@ -7,12 +7,14 @@ inside the commands that need them.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
 import typer
 from dotenv import load_dotenv
 
+from stages import StageError
 from stages import log as logs
 from stages.params import Params, ParamsError, load_params
 
@@ -46,9 +48,14 @@ def _params(path: Path) -> Params:
         raise typer.Exit(EXIT_BAD_PARAMS) from None
 
 
-def _fail(exc: Exception) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(EXIT_STAGE_FAILED)
+def _run_stage(name: str, params_path: Path) -> None:
+    block = getattr(_params(params_path), name)
+    stage = importlib.import_module(f"stages.{name}")  # after validation: heavy imports only when needed
+    try:
+        stage.run(block)
+    except StageError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_STAGE_FAILED) from None
 
 
 @app.command()
@@ -57,13 +64,7 @@ def fetch(params: Path = PARAMS_OPTION) -> None:
 
     Writes data/raw/ (parquet shards of original audio bytes + text, and source.json).
     """
-    p = _params(params)
-    from stages import fetch as stage
-
-    try:
-        stage.run(p.fetch)
-    except stage.FetchError as exc:
-        raise _fail(exc) from None
+    _run_stage("fetch", params)
 
 
 @app.command()
@@ -72,13 +73,7 @@ def subset(params: Path = PARAMS_OPTION) -> None:
 
     Writes data/subset/{train,val,dropped}.jsonl and metrics/data.json (kept, hours, dropped per reason).
     """
-    p = _params(params)
-    from stages import subset as stage
-
-    try:
-        stage.run(p.subset)
-    except FileNotFoundError as exc:
-        raise _fail(exc) from None
+    _run_stage("subset", params)
 
 
 @app.command()
@@ -87,13 +82,7 @@ def manifest(params: Path = PARAMS_OPTION) -> None:
 
     Reads data/subset/ and data/raw/; writes data/manifests/{train,val}.json (NeMo manifests) and audio/.
     """
-    p = _params(params)
-    from stages import manifest as stage
-
-    try:
-        stage.run(p.manifest)
-    except FileNotFoundError as exc:
-        raise _fail(exc) from None
+    _run_stage("manifest", params)
 
 
 @app.command()

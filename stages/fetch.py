@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile as sf
 
+from stages import StageError
 from stages.audio import encode_flac
 from stages.files import atomic_dir, write_json_atomic
 from stages.log import get_logger
@@ -50,7 +51,7 @@ SourceKind = Literal["hub", "parquet", "audiofolder", "nemo_manifest"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-class FetchError(RuntimeError):
+class FetchError(StageError):
     """The dataset cannot be read as configured (missing path, wrong column, unreachable hub)."""
 
 

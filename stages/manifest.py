@@ -17,6 +17,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from stages import StageError
 from stages.audio import TARGET_SAMPLE_RATE, decode, encode_flac, to_model_input
 from stages.files import atomic_dir, jsonl, read_jsonl
 from stages.log import get_logger
@@ -82,6 +83,9 @@ def build_split(rows: list[dict[str, Any]], raw_dir: Path, out_dir: Path, p: Man
 def run(
     p: ManifestParams, raw_dir: Path = RAW_DIR, subset_dir: Path = SUBSET_DIR, out_dir: Path = MANIFEST_DIR
 ) -> None:
+    missing = [f"{subset_dir}/{s}.jsonl" for s in SPLITS if not (subset_dir / f"{s}.jsonl").is_file()]
+    if missing:
+        raise StageError(f"missing {', '.join(missing)}: run `medasr subset` (or `dvc repro subset`) first")
     splits = {s: read_jsonl(subset_dir / f"{s}.jsonl") for s in SPLITS}
     with atomic_dir(out_dir) as tmp:
         (tmp / AUDIO_SUBDIR).mkdir()

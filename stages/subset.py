@@ -20,6 +20,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from stages import StageError
 from stages.audio import AudioDecodeError, decode
 from stages.files import atomic_dir, jsonl, write_json_atomic
 from stages.log import get_logger
@@ -164,7 +165,7 @@ def run(
     p: SubsetParams, raw_dir: Path = RAW_DIR, out_dir: Path = SUBSET_DIR, metrics_file: Path = METRICS_FILE
 ) -> dict[str, Any]:
     if not any(raw_dir.glob("part-*.parquet")):
-        raise FileNotFoundError(f"{raw_dir} has no part-*.parquet: run `medasr fetch` (or `dvc repro fetch`) first")
+        raise StageError(f"{raw_dir} has no part-*.parquet: run `medasr fetch` (or `dvc repro fetch`) first")
     candidates, dropped, rows_in = screen(raw_dir, p)
     kept, over_cap = assign(candidates, p)
     dropped += [

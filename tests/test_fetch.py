@@ -162,3 +162,22 @@ def test_unsupported_local_file(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(fetch.FetchError, match=r"\.parquet or a NeMo manifest"):
         fetch.resolve_source(str(tmp_path / "notes.txt"))
+
+
+def test_unreachable_hub_is_a_clear_error(tmp_path, committed_params):
+    """Offline mode makes `datasets` fail the way a missing network does, without sending any traffic."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    committed_params["fetch"]["dataset"] = "someone/medical-speech"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(committed_params))
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.cli", "fetch"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "could not read hub dataset 'someone/medical-speech'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "data" / "raw").exists()

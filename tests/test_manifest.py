@@ -105,3 +105,15 @@ def test_nemo_reads_the_manifest_from_a_moved_copy(tmp_path):
         assert cut.supervisions[0].text == row["text"]
         assert samples.shape[1] == pytest.approx(row["duration"] * 16_000, abs=1)
     json.dumps(cuts[0].to_dict())  # a well-formed lhotse cut
+
+
+def test_cli_reports_missing_upstream_output_without_a_traceback(tmp_path, monkeypatch):
+    from helpers import REPO
+    from typer.testing import CliRunner
+
+    from stages.cli import EXIT_STAGE_FAILED, app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["manifest", "--params", str(REPO / "params.yaml")])
+    assert result.exit_code == EXIT_STAGE_FAILED
+    assert "run `medasr subset`" in result.output and "Traceback" not in result.output

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import raw_row, wav
 
-from stages import subset
+from stages import StageError, subset
 from stages.fetch import write_shards
 from stages.files import read_jsonl
 from stages.params import SubsetParams
@@ -166,5 +166,5 @@ def test_outputs_are_deterministic(tmp_path):
 
 
 def test_missing_raw_data_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="run `medasr fetch`"):
+    with pytest.raises(StageError, match="run `medasr fetch`"):
         subset.run(params(), raw_dir=tmp_path / "nope", out_dir=tmp_path / "s", metrics_file=tmp_path / "m.json")
