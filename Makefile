@@ -12,7 +12,7 @@ export WANDB_MODE ?= offline
 # The offline demo: the same dvc.yaml with params overridden (bundled demo audio; the committed params.yaml stays
 # as it is in git). Runs every stage that exists so far.
 DEMO_PARAMS := -S fetch.dataset=data/sources/demo -S fetch.text_column=text -S fetch.id_column=utterance_id \
-	-S subset.train_size=40 -S subset.val_size=8 -S model.preset=tiny
+	-S subset.train_size=40 -S subset.val_size=12 -S model.preset=tiny
 
 .PHONY: install test test-fast lint demo lock
 
