@@ -48,11 +48,12 @@ def _params(path: Path) -> Params:
         raise typer.Exit(EXIT_BAD_PARAMS) from None
 
 
-def _run_stage(name: str, params_path: Path) -> None:
-    block = getattr(_params(params_path), name)
+def _run_stage(name: str, params_path: Path, whole: bool = False) -> None:
+    """Validate params, then run one stage with its own block (or, for train/eval, the whole params)."""
+    params = _params(params_path)
     stage = importlib.import_module(f"stages.{name}")  # after validation: heavy imports only when needed
     try:
-        stage.run(block)
+        stage.run(params if whole else getattr(params, name))
     except StageError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_STAGE_FAILED) from None
@@ -83,6 +84,16 @@ def manifest(params: Path = PARAMS_OPTION) -> None:
     Reads data/subset/ and data/raw/; writes data/manifests/{train,val}.json (NeMo manifests) and audio/.
     """
     _run_stage("manifest", params)
+
+
+@app.command()
+def train(params: Path = PARAMS_OPTION) -> None:
+    """LoRA fine-tune per model.*, lora.*, train.*; resumes from its newest matching checkpoint.
+
+    Reads data/manifests/; writes models/canary-qwen-medical-lora/, metrics/train.json, and resumable checkpoints
+    under checkpoints/train/ (git-ignored).
+    """
+    _run_stage("train", params, whole=True)
 
 
 @app.command()

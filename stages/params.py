@@ -80,7 +80,26 @@ class ManifestParams(_Block):
 
 
 class ModelParams(_Block):
-    preset: Literal["canary-qwen-2.5b", "tiny"]
+    preset: Literal["canary-qwen-2.5b", "tiny", "compose"] = Field(
+        description="canary-qwen-2.5b: the released checkpoint; tiny: a tiny SALM built offline (tests, demo); "
+        "compose: model.pretrained_asr encoder + model.pretrained_llm"
+    )
+    pretrained: NonEmptyStr = Field(description="canary-qwen-2.5b preset: hub id or local dir of the SALM checkpoint")
+    revision: str | None = Field(None, description="hub commit of model.pretrained (pin it)")
+    pretrained_asr: str | None = Field(None, description="compose preset: NeMo ASR model (.nemo path or name)")
+    pretrained_llm: str | None = Field(None, description="compose preset: HF causal LM id or local dir")
+    trainable: list[Literal["encoder", "projection", "preprocessor", "llm"]] = Field(
+        description="parts trained besides LoRA; canary-qwen was trained with [encoder, projection] (LLM frozen)"
+    )
+
+    @field_validator("trainable")
+    @classmethod
+    def _compose_sources(cls, trainable: list[str], info: ValidationInfo) -> list[str]:
+        if info.data.get("preset") == "compose":
+            missing = [k for k in ("pretrained_asr", "pretrained_llm") if not info.data.get(k)]
+            if missing:
+                raise ValueError(f"preset compose needs {' and '.join(missing)}")
+        return trainable
 
 
 class LoraParams(_Block):
@@ -91,9 +110,21 @@ class LoraParams(_Block):
 
 
 class TrainParams(_Block):
-    max_steps: int = Field(gt=0)
+    max_steps: int = Field(gt=0, description="raising it continues a finished run, the LR schedule stretched")
     seed: int
-    checkpoint_every: int = Field(gt=0)
+    checkpoint_every: int = Field(gt=0, description="steps between resumable checkpoints")
+    keep_checkpoints: int = Field(ge=1, description="resumable checkpoints kept (newest first)")
+    batch_size: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    warmup_steps: int = Field(ge=0)
+    weight_decay: float = Field(ge=0)
+    grad_clip: float = Field(ge=0, description="gradient norm clip; 0 = off")
+    optimizer: Literal["adamw", "adamw8bit"] = Field(description="adamw8bit (bitsandbytes) needs a GPU")
+    precision: Literal["auto", "32", "bf16"] = Field(description="auto: bf16 on GPU, fp32 on CPU")
+    val_every: int = Field(ge=0, description="steps between validations (loss + greedy WER); 0 = never")
+    val_max_utts: int = Field(gt=0, description="validation uses this fixed slice of the val split")
+    early_stop_patience: int = Field(ge=0, description="stop after this many validations without gain; 0 = off")
+    early_stop_delta: float = Field(ge=0, description="a WER drop smaller than this is not a gain")
 
 
 class Params(_Block):
