@@ -8,7 +8,8 @@ Resume: on start, the newest complete checkpoint under the current fingerprint i
 with a warning, falling back to the previous one); anything else starts fresh. A checkpoint restores weights,
 optimizer, LR schedule, step, RNG and the data position, so a resumed run ends with the same weights as an
 uninterrupted one. The data position works because each epoch of NeMo's training stream is a seeded shuffle: resuming
-at epoch E, batch N sets the lhotse sampler to epoch E and fast-forwards it N batches (metadata only, no audio).
+at epoch E, batch N sets the lhotse sampler to epoch E and fast-forwards it N batches (metadata only, no audio)
+as the training loader is built.
 
 Training runs through NeMo's DataModule + SALMDataset and a Lightning Trainer: CPU fp32 here, bf16 on GPUs, DDP
 across several GPUs. Nothing is CUDA-specific, and the process stays in the group DVC starts, so a signal to the
@@ -41,7 +42,7 @@ LATEST = "latest"
 STATE = "state.ckpt"
 META = "meta.json"  # written last: a checkpoint folder without it is incomplete
 # Bumped whenever what a checkpoint holds changes: a checkpoint from another format is never resumed.
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 
 # train.* keys that do not change the weights at a given step, so they stay out of the fingerprint.
 NOT_FINGERPRINTED = {
@@ -138,8 +139,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _train_sampler(trainer: Any) -> Any:
+    return _train_sampler_of(trainer.train_dataloader)
+
+
+def _train_sampler_of(loader: Any) -> Any:
     """The lhotse sampler behind NeMo's training dataloader (it lives in the main process for audio manifests)."""
-    loader = trainer.train_dataloader
     loader = getattr(loader, "_source", loader)  # NeMo's BroadcastingDataLoader wraps a torch DataLoader
     sampler = getattr(loader, "sampler", None)
     if sampler is None or not hasattr(sampler, "load_state_dict"):
@@ -162,6 +166,25 @@ def fast_forward(sampler: Any, batches: int) -> None:
     sampler._just_restored_state = True
 
 
+def _resumable_datamodule(base: type) -> type:
+    """NeMo's DataModule whose training loader starts at a saved data position (epoch, batches drawn)."""
+
+    class ResumableDataModule(base):  # type: ignore[misc,valid-type]
+        position: tuple[int, int] | None = None
+
+        def train_dataloader(self):
+            loader = super().train_dataloader()
+            if self.position is not None:
+                epoch, batches = self.position
+                sampler = _train_sampler_of(loader)
+                sampler.set_epoch(epoch)
+                fast_forward(sampler, batches)
+                self.position = None
+            return loader
+
+    return ResumableDataModule
+
+
 def _callbacks(p: Params, fp: str, run_dir: Path, val_rows: list[dict[str, Any]], base: Path) -> Any:
     """The Lightning callback that checkpoints, resumes RNG + data position, validates WER and stops early."""
     import torch
@@ -173,6 +196,7 @@ def _callbacks(p: Params, fp: str, run_dir: Path, val_rows: list[dict[str, Any]]
         def __init__(self) -> None:
             self.pending_rng: dict[str, Any] | None = None
             self.epoch_batches = 0  # batches drawn in the current epoch: the data position
+            self.restarted_epoch = False
             self.resumed_step = 0
             self.last_saved = -1
             self.best_wer: float | None = None
@@ -205,28 +229,33 @@ def _callbacks(p: Params, fp: str, run_dir: Path, val_rows: list[dict[str, Any]]
         def state(self) -> dict[str, Any]:
             return {"best_wer": self.best_wer, "best_step": self.best_step, "bad_evals": self.bad_evals}
 
-        # --- resume: after NeMo built (and reseeded) the dataloader, before the first batch is drawn ---
-        def on_train_epoch_start(self, trainer, pl_module) -> None:
+        # --- resume. The data position is restored when the loader is built (ResumableDataModule): Lightning
+        # draws the first batch before any hook runs. RNG is restored here, after NeMo reseeded it while building
+        # the loader and before the first step.
+        def on_train_start(self, trainer, pl_module) -> None:
             for config in trainer.lr_scheduler_configs:  # a raised max_steps stretches the schedule
                 if getattr(config.scheduler, "max_steps", p.train.max_steps) != p.train.max_steps:
                     log.info("LR schedule stretched to max_steps=%d", p.train.max_steps)
                     config.scheduler.max_steps = p.train.max_steps
-            # Lightning cannot reach the sampler through NeMo's loader wrapper, so the epoch is set here: each
-            # epoch gets its own seeded shuffle.
-            sampler = _train_sampler(trainer)
-            sampler.set_epoch(trainer.current_epoch)
-            if self.pending_rng is None:
-                self.epoch_batches = 0
+            if self.pending_rng is not None:
+                _set_rng_state(self.pending_rng)
+                self.pending_rng = None
+                self.restarted_epoch = True
+                log.info(
+                    "resumed at step %d, epoch %d batch %d (weights, optimizer, schedule, RNG, data position)",
+                    trainer.global_step,
+                    trainer.current_epoch,
+                    self.epoch_batches,
+                )
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            if self.restarted_epoch:  # the resumed epoch continues; its position is already set
+                self.restarted_epoch = False
                 return
-            fast_forward(sampler, self.epoch_batches)
-            _set_rng_state(self.pending_rng)
-            self.pending_rng = None
-            log.info(
-                "resumed at step %d, epoch %d batch %d (weights, optimizer, schedule, RNG, data position)",
-                trainer.global_step,
-                trainer.current_epoch,
-                self.epoch_batches,
-            )
+            # Lightning cannot reach the sampler through NeMo's loader wrapper, so the epoch is set here, before
+            # this epoch's iter(): each epoch gets its own seeded shuffle.
+            _train_sampler(trainer).set_epoch(trainer.current_epoch)
+            self.epoch_batches = 0
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             step = trainer.global_step
@@ -243,7 +272,14 @@ def _callbacks(p: Params, fp: str, run_dir: Path, val_rows: list[dict[str, Any]]
             name = f"step-{step:08d}"
             with atomic_dir(run_dir / name) as tmp:
                 trainer.save_checkpoint(tmp / STATE)
-                meta = {"fingerprint": fp, "step": step, "sha256": _sha256(tmp / STATE), "time": time.time()}
+                meta = {
+                    "fingerprint": fp,
+                    "step": step,
+                    "epoch": trainer.current_epoch,
+                    "epoch_batches": self.epoch_batches,
+                    "sha256": _sha256(tmp / STATE),
+                    "time": time.time(),
+                }
                 write_json_atomic(tmp / META, meta)
             write_text_atomic(run_dir / LATEST, name + "\n")
             self.last_saved = step
@@ -309,8 +345,15 @@ def data_config(manifest_dir: Path, p: Params) -> dict[str, Any]:
         "use_lhotse": True,
     }
     return {
-        # a fixed integer seed makes each epoch's shuffle reproducible, which resume relies on
-        "train_ds": {"input_cfg": source("train"), "shuffle": True, "seed": p.train.seed, **common},
+        # NeMo seeds the sampler's shuffle from `shard_seed`, which defaults to "trng" (a fresh true-random seed
+        # on every pass). Fixed integers make each epoch's order reproducible, which resume relies on.
+        "train_ds": {
+            "input_cfg": source("train"),
+            "shuffle": True,
+            "seed": p.train.seed,
+            "shard_seed": p.train.seed,
+            **common,
+        },
         "validation_ds": {"datasets": {"val": {"input_cfg": source("val")}}, **common},
     }
 
@@ -366,9 +409,10 @@ def run(
     log.info("trainable parameters: %s of %s", f"{trainable:,}", f"{sum(x.numel() for x in model.parameters()):,}")
     model.strict_loading = False  # checkpoints hold only what training changes (see trained_state)
 
-    datamodule = DataModule(
+    datamodule = _resumable_datamodule(DataModule)(
         OmegaConf.create(data_config(manifest_dir, p)), tokenizer=model.tokenizer, dataset=SALMDataset(model.tokenizer)
     )
+    datamodule.position = (resume.meta["epoch"], resume.meta["epoch_batches"]) if resume else None
     callback = _callbacks(p, fp, run_dir, val_rows[: p.train.val_max_utts], manifest_dir)
     gpu = torch.cuda.is_available()
     trainer = Trainer(

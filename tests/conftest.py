@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from helpers import REPO
+from helpers import DEMO_DATA, REPO
 
 
 @pytest.fixture
 def committed_params() -> dict[str, Any]:
     return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+@pytest.fixture(scope="session")
+def demo_manifests(tmp_path_factory) -> Path:
+    """The bundled demo audio through fetch -> subset -> manifest, once per test session."""
+    from stages import fetch, manifest, subset
+    from stages.params import FetchParams, ManifestParams, SubsetParams
+
+    root = tmp_path_factory.mktemp("demo")
+    fetch.run(
+        FetchParams(
+            dataset=str(DEMO_DATA), split="train", audio_column="audio", text_column="text", id_column="utterance_id"
+        ),
+        out_dir=root / "raw",
+    )
+    subset.run(
+        SubsetParams(seed=1234, train_size=40, val_size=12, min_duration=0.5, max_duration=30.0),
+        raw_dir=root / "raw",
+        out_dir=root / "subset",
+        metrics_file=root / "data.json",
+    )
+    manifest.run(ManifestParams(text_normalization="unicode"), root / "raw", root / "subset", root / "manifests")
+    return root / "manifests"

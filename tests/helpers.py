@@ -16,6 +16,8 @@ import pyarrow.parquet as pq
 import soundfile as sf
 import yaml
 
+from stages.params import Params, parse_params
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "data" / "sources" / "demo"
 VENV_BIN = Path(sys.executable).parent
@@ -101,3 +103,16 @@ def set_params(repo: Path, **overrides: Any) -> None:
         block, field = key.split(".")
         data[block][field] = value
     path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def tiny_params(**overrides: Any) -> Params:
+    """The committed params with the tiny preset and a short, fast training run; override with "train.lr"=..."""
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["model"]["preset"] = "tiny"
+    data["train"].update(
+        max_steps=12, checkpoint_every=4, batch_size=4, lr=3e-3, warmup_steps=2, val_every=0, val_max_utts=6
+    )
+    for key, value in overrides.items():
+        block, field = key.split(".")
+        data[block][field] = value
+    return parse_params(data)
