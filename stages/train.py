@@ -169,7 +169,7 @@ def fast_forward(sampler: Any, batches: int) -> None:
 def _resumable_datamodule(base: type) -> type:
     """NeMo's DataModule whose training loader starts at a saved data position (epoch, batches drawn)."""
 
-    class ResumableDataModule(base):  # type: ignore[misc,valid-type]
+    class ResumableDataModule(base):
         position: tuple[int, int] | None = None
 
         def train_dataloader(self):
