@@ -96,6 +96,16 @@ def train(params: Path = PARAMS_OPTION) -> None:
     _run_stage("train", params, whole=True)
 
 
+@app.command(name="eval")
+def evaluate(params: Path = PARAMS_OPTION) -> None:
+    """Transcribe the val split with the fine-tuned and the base model and score both, per eval.*.
+
+    Reads data/manifests/val.json and models/canary-qwen-medical-lora/; writes metrics/eval.json and
+    metrics/predictions.jsonl.
+    """
+    _run_stage("eval", params, whole=True)
+
+
 @app.command()
 def doctor(params: Path = PARAMS_OPTION) -> None:
     """Check this machine: package versions, GPU, disk, DVC remote, W&B mode, secrets present, params valid.

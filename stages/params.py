@@ -127,6 +127,11 @@ class TrainParams(_Block):
     early_stop_delta: float = Field(ge=0, description="a WER drop smaller than this is not a gain")
 
 
+class EvalParams(_Block):
+    batch_size: int = Field(gt=0, description="utterances decoded together")
+    max_new_tokens: int = Field(gt=0, description="cap on generated tokens per utterance (greedy decoding)")
+
+
 class Params(_Block):
     fetch: FetchParams
     subset: SubsetParams
@@ -134,6 +139,7 @@ class Params(_Block):
     model: ModelParams
     lora: LoraParams
     train: TrainParams
+    eval: EvalParams
 
 
 def _describe(error: Any) -> str:

@@ -11,7 +11,8 @@ from helpers import VENV_BIN, run, scratch_clone, set_params, wav, write_audio_p
 
 pytestmark = pytest.mark.e2e
 
-STAGES = ("fetch", "subset", "manifest")
+DATA_STAGES = ("fetch", "subset", "manifest")
+STAGES = (*DATA_STAGES, "train", "eval")
 
 
 def ran(output: str) -> set[str]:
@@ -63,7 +64,7 @@ def test_repro_on_a_local_parquet_then_skips_and_reruns_only_what_changed(repo):
     )
 
     first = run(repo, "dvc", "repro", "manifest")
-    assert ran(first.stdout) == set(STAGES), first.stdout
+    assert ran(first.stdout) == set(DATA_STAGES), first.stdout
 
     metrics = json.loads((repo / "metrics" / "data.json").read_text())
     assert metrics["rows_in"] == 27
@@ -74,24 +75,23 @@ def test_repro_on_a_local_parquet_then_skips_and_reruns_only_what_changed(repo):
     train = [json.loads(line) for line in (repo / "data" / "manifests" / "train.json").read_text().splitlines()]
     assert train and all((repo / "data" / "manifests" / r["audio_filepath"]).is_file() for r in train)
 
-    again = run(repo, "dvc", "repro")
-    assert ran(again.stdout) == set() and skipped(again.stdout) == set(STAGES), again.stdout
-    assert "up to date" in run(repo, "dvc", "status").stdout
+    again = run(repo, "dvc", "repro", "manifest")
+    assert ran(again.stdout) == set() and skipped(again.stdout) == set(DATA_STAGES), again.stdout
 
     # from scratch again: byte-identical manifests and audio
     before = manifest_bytes(repo)
-    forced = run(repo, "dvc", "repro", "--force")
-    assert ran(forced.stdout) == set(STAGES)
+    forced = run(repo, "dvc", "repro", "--force", "manifest")
+    assert ran(forced.stdout) == set(DATA_STAGES)
     assert manifest_bytes(repo) == before
 
     # a subset param re-runs subset and manifest, never fetch
     set_params(repo, **{"subset.seed": 99})
-    reseeded = run(repo, "dvc", "repro")
+    reseeded = run(repo, "dvc", "repro", "manifest")
     assert ran(reseeded.stdout) == {"subset", "manifest"} and "fetch" in skipped(reseeded.stdout)
 
     # new rows in the local source re-run fetch (data/sources is a dependency)
     write_audio_parquet(source, parquet_rows(30) + BAD_ROWS)
-    grown = run(repo, "dvc", "repro")
+    grown = run(repo, "dvc", "repro", "manifest")
     assert "fetch" in ran(grown.stdout)
     assert json.loads((repo / "metrics" / "data.json").read_text())["rows_in"] == 33
 
@@ -109,16 +109,29 @@ def test_bad_params_stop_the_stage_with_every_problem_listed(repo):
     run(repo, "git", "checkout", "params.yaml")
 
 
-def test_make_demo_runs_the_pipeline_offline_and_leaves_it_up_to_date(tmp_path):
+def test_make_demo_then_an_experiment_with_another_lora_rank(tmp_path):
     clone = scratch_clone(tmp_path)
     # `-o install`: reuse the test venv instead of creating one in the clone
     demo = run(clone, "make", "-o", "install", "demo", f"VENV={VENV_BIN.parent}")
     assert ran(demo.stdout) == set(STAGES), demo.stdout
-    assert "metrics/data.json" in demo.stdout  # `dvc metrics show` table
+    assert "metrics/eval.json" in demo.stdout  # `dvc metrics show` table
 
-    metrics = json.loads((clone / "metrics" / "data.json").read_text())
-    assert metrics["rows_in"] == 48 and metrics["kept"]["train"] > 0 and metrics["kept"]["val"] > 0
-    assert metrics["dropped_total"] == 0  # the demo audio has no bad rows and fits the demo caps
+    data = json.loads((clone / "metrics" / "data.json").read_text())
+    assert data["rows_in"] == 48 and data["kept"]["train"] > 0 and data["kept"]["val"] > 0
+    assert data["dropped_total"] == 0  # the demo audio has no bad rows and fits the demo caps
+    trained = json.loads((clone / "metrics" / "train.json").read_text())
+    assert trained["global_step"] == 30 and trained["resume_source"] == "none" and trained["trainable_params"] > 0
+
+    # the stage's WER is exactly what jiwer says about the predictions it wrote
+    import jiwer
+
+    evaluated = json.loads((clone / "metrics" / "eval.json").read_text())
+    rows = [json.loads(line) for line in (clone / "metrics" / "predictions.jsonl").read_text().splitlines()]
+    for name, wer in (("finetuned", evaluated["wer"]), ("base", evaluated["base"]["wer"])):
+        mine = [r for r in rows if r["model"] == name]
+        assert len(mine) == data["kept"]["val"] == evaluated["utterances"]
+        expected = jiwer.wer([r["reference_norm"] for r in mine], [r["hypothesis_norm"] for r in mine])
+        assert wer == pytest.approx(expected, abs=1e-12)
 
     again = run(clone, "dvc", "repro")
     assert skipped(again.stdout) == set(STAGES) and not ran(again.stdout)
@@ -126,3 +139,14 @@ def test_make_demo_runs_the_pipeline_offline_and_leaves_it_up_to_date(tmp_path):
     committed = run(clone, "git", "show", "HEAD:params.yaml").stdout
     assert "Hani89/medical_asr_recording_dataset" in committed
     assert "data/sources/demo" in (clone / "params.yaml").read_text()
+
+    # keep the demo as the baseline, then try another adapter size: it trains fresh, not from the rank-8 run
+    run(clone, "git", "add", "-A")
+    run(clone, "git", "commit", "-qm", "demo baseline")
+    exp = run(clone, "dvc", "exp", "run", "-S", "lora.rank=16")
+    assert ran(exp.stdout) == {"train", "eval"}, exp.stdout
+    rank16 = json.loads((clone / "metrics" / "train.json").read_text())
+    assert rank16["resume_source"] == "none" and rank16["resumed_from_step"] == 0
+    assert rank16["trainable_params"] > trained["trainable_params"]
+    diff = json.loads(run(clone, "dvc", "metrics", "diff", "--json").stdout)
+    assert diff["metrics/train.json"]["trainable_params"]["diff"] > 0
