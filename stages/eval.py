@@ -77,8 +77,9 @@ def evaluate(model: Any, name: str, rows: list[dict[str, Any]], base: Path, p: P
         else:
             skipped += 1
     started = time.perf_counter()
-    hypotheses = transcribe(model, [base / r["audio_filepath"] for r in readable], p.eval.batch_size,
-                            p.eval.max_new_tokens)  # fmt: skip
+    hypotheses = transcribe(
+        model, [base / r["audio_filepath"] for r in readable], p.eval.batch_size, p.eval.max_new_tokens
+    )
     seconds = time.perf_counter() - started
     references = [r["text"] for r in readable]
     metrics = score(references, hypotheses)
@@ -113,8 +114,13 @@ def evaluate(model: Any, name: str, rows: list[dict[str, Any]], base: Path, p: P
     return metrics, predictions
 
 
-def run(p: Params, manifest: Path = MANIFEST, model_dir: Path = MODEL_DIR, metrics_file: Path = METRICS_FILE,
-        predictions_file: Path = PREDICTIONS_FILE) -> dict[str, Any]:  # fmt: skip
+def run(
+    p: Params,
+    manifest: Path = MANIFEST,
+    model_dir: Path = MODEL_DIR,
+    metrics_file: Path = METRICS_FILE,
+    predictions_file: Path = PREDICTIONS_FILE,
+) -> dict[str, Any]:
     rows = read_jsonl(manifest) if manifest.is_file() else []
     if not rows:
         raise StageError(f"{manifest} is missing or empty: nothing to evaluate (raise subset.val_size)")

@@ -44,6 +44,75 @@ PARTS = {
 
 TINY = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 16, "ffn": 128, "vocab": 512}
 
+# canary-qwen-2.5b's architecture as released (HF config.json, see docs/model.md for sources): used to build the
+# full-size model offline with random weights (tests at reduced depth, GPU benchmarks at full size).
+RELEASED_LLM = {  # Qwen/Qwen3-1.7B
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "tie_word_embeddings": True,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 40960,
+}
+RELEASED_LORA = {
+    "task_type": "CAUSAL_LM",
+    "r": 128,
+    "lora_alpha": 256,
+    "lora_dropout": 0.01,
+    "target_modules": ["q_proj", "v_proj"],
+}
+RELEASED_PERCEPTION = {  # nvidia/canary-1b-flash's FastConformer + a 1024 -> 2048 projection
+    "target": "nemo.collections.speechlm2.modules.perception.AudioPerceptionModule",
+    "output_dim": 2048,
+    "modality_adapter": {
+        "_target_": "nemo.collections.speechlm2.modules.perception.IdentityConnector",
+        "d_model": 1024,
+    },
+    "preprocessor": {
+        "_target_": "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
+        "sample_rate": 16000,
+        "normalize": "per_feature",
+        "window_size": 0.025,
+        "window_stride": 0.01,
+        "window": "hann",
+        "features": 128,
+        "n_fft": 512,
+        "log": True,
+        "frame_splicing": 1,
+        "dither": 1e-05,
+        "pad_to": 0,
+        "pad_value": 0.0,
+    },
+    "encoder": {
+        "_target_": "nemo.collections.asr.modules.ConformerEncoder",
+        "feat_in": 128,
+        "feat_out": -1,
+        "n_layers": 32,
+        "d_model": 1024,
+        "subsampling": "dw_striding",
+        "subsampling_factor": 8,
+        "subsampling_conv_channels": 256,
+        "causal_downsampling": False,
+        "ff_expansion_factor": 4,
+        "self_attention_model": "rel_pos",
+        "n_heads": 8,
+        "att_context_size": [-1, -1],
+        "xscaling": False,
+        "untie_biases": True,
+        "pos_emb_max_len": 5000,
+        "conv_kernel_size": 9,
+        "conv_norm_type": "batch_norm",
+        "dropout": 0.1,
+        "dropout_pre_encoder": 0.1,
+        "dropout_emb": 0.0,
+        "dropout_att": 0.1,
+    },
+}
+
 
 def freeze_patterns(trainable: Sequence[str]) -> list[str]:
     """Regexes of the parameters to freeze: every part not listed as trainable (LoRA always trains)."""

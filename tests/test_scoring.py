@@ -77,6 +77,14 @@ def test_medical_term_errors_count_reference_terms_not_recognised():
 
 def test_utterance_errors():
     assert utterance_errors("a b c", "a x c d") == {
-        "substitutions": 1, "deletions": 0, "insertions": 1, "reference_words": 3}  # fmt: skip
+        "substitutions": 1,
+        "deletions": 0,
+        "insertions": 1,
+        "reference_words": 3,
+    }
     assert utterance_errors("", "extra words") == {
-        "substitutions": 0, "deletions": 0, "insertions": 2, "reference_words": 0}  # fmt: skip
+        "substitutions": 0,
+        "deletions": 0,
+        "insertions": 2,
+        "reference_words": 0,
+    }
