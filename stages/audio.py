@@ -4,6 +4,7 @@ soxr to resample. No torchcodec/FFmpeg, which `datasets` would otherwise need.""
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +39,9 @@ def decode(data: bytes | None) -> Audio:
     try:
         samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise AudioDecodeError(str(exc).strip() or type(exc).__name__) from None
+        # libsndfile names the in-memory buffer ("Error opening <_io.BytesIO object at 0x..>: ..."): keep the reason
+        reason = re.sub(r"^Error opening <[^>]*>:\s*", "", str(exc).strip()) or type(exc).__name__
+        raise AudioDecodeError(f"not readable audio: {reason}") from None
     if not np.isfinite(samples).all():
         raise AudioDecodeError("audio contains NaN or infinite samples")
     return Audio(samples, int(rate))

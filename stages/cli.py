@@ -107,6 +107,65 @@ def evaluate(params: Path = PARAMS_OPTION) -> None:
 
 
 @app.command()
+def transcribe(
+    model: Path = typer.Argument(..., help="An exported model folder (models/canary-qwen-medical-lora)."),
+    audio: list[Path] = typer.Argument(..., help="Audio files: any rate or channel count libsndfile reads."),
+    batch_size: int = typer.Option(8, min=1),
+    max_new_tokens: int = typer.Option(256, min=1),
+) -> None:
+    """Print `file<TAB>transcript` for each audio file, greedy decoding with the training prompt.
+
+    Unreadable files are reported on stderr and skipped; the exit code is 1 if any was skipped.
+    """
+    from stages.audio import AudioDecodeError, decode
+    from stages.inference import transcribe as run_transcribe
+    from stages.model import load_model
+
+    readable = []
+    for path in audio:
+        try:
+            decode(path.read_bytes())
+            readable.append(path)
+        except (OSError, AudioDecodeError) as exc:
+            typer.echo(f"skipped {path}: {exc}", err=True)
+    try:
+        loaded = load_model(model)
+    except StageError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_STAGE_FAILED) from None
+    import torch
+
+    if torch.cuda.is_available():
+        loaded = loaded.to("cuda", dtype=torch.bfloat16)
+    for path, text in zip(readable, run_transcribe(loaded, readable, batch_size, max_new_tokens), strict=True):
+        typer.echo(f"{path}\t{text}")
+    if len(readable) < len(audio):
+        raise typer.Exit(EXIT_STAGE_FAILED)
+
+
+@app.command()
+def export(
+    model: Path = typer.Option(Path("models/canary-qwen-medical-lora"), help="Exported model folder to read."),
+    out: Path = typer.Option(..., help="Folder to write."),
+    merged: bool = typer.Option(False, "--merged", help="Merge the LoRA adapter into the LLM (required)."),
+) -> None:
+    """Write a self-contained copy of a trained model with the LoRA merged in (plus a card of how it was made)."""
+    from stages.model import export_merged
+
+    if not merged:
+        typer.echo(
+            "error: only --merged export is supported; the unmerged folder is the train stage's output", err=True
+        )
+        raise typer.Exit(EXIT_BAD_PARAMS)
+    try:
+        export_merged(model, out)
+    except StageError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_STAGE_FAILED) from None
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
 def doctor(params: Path = PARAMS_OPTION) -> None:
     """Check this machine: package versions, GPU, disk, DVC remote, W&B mode, secrets present, params valid.
 

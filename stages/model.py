@@ -362,6 +362,43 @@ def export(model: SALM, out: Path, meta: dict[str, Any], self_contained: bool) -
     save_tokenizer_and_llm_config(model, out)
     save_file(trained_state(model), str(out / TRAINED_WEIGHTS))
     (out / MEDASR_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    (out / "README.md").write_text(model_card(meta))
+
+
+def model_card(meta: dict[str, Any]) -> str:
+    """A short card of how the model was made, from medasr.json."""
+    base = meta.get("base", {})
+    lines = [
+        "# canary-qwen-medical-lora",
+        "",
+        "LoRA fine-tune of a NeMo SALM speech model for medical speech, made by the medasr pipeline.",
+        "",
+        f"- base: `{base.get('id')}` at revision `{base.get('revision')}` (preset `{meta.get('preset')}`)",
+        f"- adapter: LoRA {json.dumps(meta.get('lora'))}; also trained: {', '.join(meta.get('trainable', [])) or '-'}",
+        f"- exported step: {meta.get('step')}; merged: {meta.get('merged', False)}",
+        f"- training data sha256: `{meta.get('data_sha256')}`; train fingerprint `{meta.get('fingerprint')}`",
+        f"- git commit: `{meta.get('git_commit')}`",
+        "",
+        'Load: `from stages.model import load_model; model = load_model("<this folder>")`, or',
+        "`medasr transcribe <this folder> audio.wav`. Prompt: `Transcribe the following: <|audioplaceholder|>`.",
+        "",
+        "Full params: see `medasr.json`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export_merged(src: Path, out: Path) -> None:
+    """A self-contained copy of an exported model with our LoRA merged into the LLM weights (plain SALM, no PEFT).
+    Its logits match the unmerged model's to float precision."""
+    model = load_model(src)
+    merge_released_lora(model)  # the same merge, applied to our adapter
+    meta = json.loads((src / MEDASR_META).read_text()) | {"merged": True}
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    save_tokenizer_and_llm_config(model, out)
+    (out / MEDASR_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    (out / "README.md").write_text(model_card(meta))
 
 
 def _plain(cfg: Any) -> Any:

@@ -322,6 +322,16 @@ def transcribe_rows(
     return transcribe(model, [base / r["audio_filepath"] for r in rows], batch_size)
 
 
+def _git_commit() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
 def data_config(manifest_dir: Path, p: Params) -> dict[str, Any]:
     from stages.model import AUDIO_TAG
 
@@ -385,7 +395,8 @@ def run(
         raise StageError(f"{manifest_dir}/val.json is empty but train.val_every={p.train.val_every}: set it to 0")
 
     started = time.time()
-    fp = fingerprint(p, data_hash(manifest_dir))
+    data_sha256 = data_hash(manifest_dir)
+    fp = fingerprint(p, data_sha256)
     run_dir = ckpt_root / fp
     resume = find_resumable(run_dir, fp)
     log.info("fingerprint %s: %s", fp, f"resuming from step {resume.step}" if resume else "starting fresh")
@@ -455,6 +466,8 @@ def run(
         "seed": p.train.seed,
         "step": exported_step,
         "fingerprint": fp,
+        "data_sha256": data_sha256,
+        "git_commit": _git_commit(),
         "params": p.model_dump(),
     }
     with atomic_dir(model_dir) as tmp:

@@ -141,6 +141,31 @@ def test_exported_model_reloads_and_transcribes(tmp_path, demo_manifests):
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
     assert texts == transcribe(again, clips, batch_size=3, max_new_tokens=8)  # greedy and batch-independent
 
+    # `medasr export --merged`: a plain SALM whose logits match the adapter model's
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    result = CliRunner().invoke(
+        app, ["export", "--merged", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "merged")]
+    )
+    assert result.exit_code == 0, result.output
+    merged = load_model(tmp_path / "merged")
+    assert not any(".lora_" in name for name, _ in merged.named_parameters())
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert "merged: True" in card and meta["fingerprint"] in card and meta["data_sha256"] in card
+    embeds = torch.randn(2, 9, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(embeds)["logits"], merged(embeds)["logits"], atol=1e-5)
+
+    # `medasr transcribe`: one line per readable file; an unreadable one is reported and makes the exit code 1
+    bogus = tmp_path / "notes.wav"
+    bogus.write_text("not audio")
+    result = CliRunner().invoke(app, ["transcribe", str(tmp_path / "model"), *map(str, clips[:2]), str(bogus)])
+    assert result.exit_code == 1
+    assert f"skipped {bogus}: not readable audio" in result.output
+    assert [line.split("\t")[0] for line in result.output.splitlines() if "\t" in line] == list(map(str, clips[:2]))
+
 
 def _train_cli(cwd: Path, params: Path) -> subprocess.Popen:
     return subprocess.Popen(
