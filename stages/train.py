@@ -31,6 +31,7 @@ from stages import StageError
 from stages.files import atomic_dir, read_jsonl, write_json_atomic, write_text_atomic
 from stages.log import get_logger
 from stages.params import Params
+from stages.tracking import CURVES_DIR
 
 log = get_logger(__name__)
 
@@ -386,6 +387,7 @@ def run(
     ckpt_root: Path = CHECKPOINT_ROOT,
     model_dir: Path = MODEL_DIR,
     metrics_file: Path = METRICS_FILE,
+    curves_dir: Path = CURVES_DIR,
 ) -> dict[str, Any]:
     train_rows = read_jsonl(manifest_dir / "train.json") if (manifest_dir / "train.json").is_file() else []
     val_rows = read_jsonl(manifest_dir / "val.json") if (manifest_dir / "val.json").is_file() else []
@@ -410,6 +412,7 @@ def run(
     from omegaconf import OmegaConf, open_dict
 
     from stages.model import apply_freeze, build_model, export
+    from stages.tracking import loggers, publish_curves
 
     seed_everything(p.train.seed, workers=True)
     model = build_model(p.model, p.lora, p.train.seed, run_dir)
@@ -425,6 +428,7 @@ def run(
     )
     datamodule.position = (resume.meta["epoch"], resume.meta["epoch_batches"]) if resume else None
     callback = _callbacks(p, fp, run_dir, val_rows[: p.train.val_max_utts], manifest_dir)
+    trackers, wandb_run = loggers(p, run_dir, fp, resume.step if resume else None)
     gpu = torch.cuda.is_available()
     trainer = Trainer(
         max_steps=p.train.max_steps,
@@ -438,7 +442,8 @@ def run(
         val_check_interval=p.train.val_every or None,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
-        logger=False,
+        logger=trackers,
+        log_every_n_steps=min(10, p.train.checkpoint_every),
         enable_checkpointing=False,
         enable_progress_bar=False,
         callbacks=[callback],
@@ -446,6 +451,11 @@ def run(
     if resume and resume.step >= p.train.max_steps:
         log.info("checkpoint at step %d already reaches max_steps=%d: exporting it", resume.step, p.train.max_steps)
     trainer.fit(model, datamodule, ckpt_path=str(resume.path / STATE) if resume else None)
+    if wandb_run is not None:
+        import wandb
+
+        wandb.finish()
+    publish_curves(run_dir, curves_dir)
 
     best = run_dir / "best" / "trained.safetensors"
     exported_from = "last"
@@ -468,6 +478,7 @@ def run(
         "fingerprint": fp,
         "data_sha256": data_sha256,
         "git_commit": _git_commit(),
+        "wandb": wandb_run,
         "params": p.model_dump(),
     }
     with atomic_dir(model_dir) as tmp:

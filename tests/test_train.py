@@ -167,11 +167,14 @@ def test_exported_model_reloads_and_transcribes(tmp_path, demo_manifests):
     assert [line.split("\t")[0] for line in result.output.splitlines() if "\t" in line] == list(map(str, clips[:2]))
 
 
+SECRET = "planted-secret-value-7f3a"
+
+
 def _train_cli(cwd: Path, params: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "stages.cli", "train", "--params", str(params)],
         cwd=cwd,
-        env=run_env(),
+        env=run_env() | {"AWS_SECRET_ACCESS_KEY": SECRET, "WANDB_API_KEY": "", "WANDB_MODE": "offline"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -206,16 +209,33 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, d
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "metrics" / "train.json").exists()  # the stage never claimed success
+    (wandb_id_file,) = killed.glob("checkpoints/train/*/wandb_run_id")
+    wandb_id = wandb_id_file.read_text()
 
     resumed = _train_cli(killed, Path("params.yaml"))
     uninterrupted = _train_cli(straight, Path("params.yaml"))
     for proc in (resumed, uninterrupted):
         out = proc.communicate(timeout=600)[0]
-        assert proc.returncode == 0, out
+        assert proc.returncode == 0, out[-4000:]  # the traceback is at the end
+        assert SECRET not in out
 
     metrics = json.loads((killed / "metrics" / "train.json").read_text())
     assert metrics["resume_source"] == "local" and 0 < metrics["resumed_from_step"] < 30, metrics
     assert metrics["global_step"] == 30
+    # the resumed run appends to the same W&B run and continues the DVCLive curves without repeating a step
+    assert wandb_id_file.read_text() == wandb_id
+    assert json.loads((killed / "models" / "canary-qwen-medical-lora" / "medasr.json").read_text())["wandb"]["id"] == (
+        wandb_id.strip()
+    )
+    steps = [
+        int(line.split("\t")[0])
+        for line in (killed / "metrics/train_curves/plots/metrics/loss.tsv").read_text().splitlines()[1:]
+    ]
+    assert steps == sorted(set(steps)) and steps[-1] >= 25
+    # no secret in anything the run wrote (W&B config and logs, DVCLive, checkpoints' metadata, model card)
+    for path in killed.rglob("*"):
+        if path.is_file() and path.suffix not in {".ckpt", ".safetensors", ".flac"}:
+            assert SECRET.encode() not in path.read_bytes(), path
 
     a, b = _final_state(straight), _final_state(killed)
     assert a["state_dict"].keys() == b["state_dict"].keys()

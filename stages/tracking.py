@@ -1,0 +1,98 @@
+"""Experiment tracking behind one function: `loggers()` returns the Lightning loggers for a training run.
+
+- DVCLive: loss, learning rate and validation metrics per step, so `dvc plots show` draws the curves. Its files
+  live in the checkpoint folder (they travel with the checkpoint) and are copied to `metrics/train_curves/`.
+- Weights & Biases: project `medical-asr-poc-<model.preset>`, run name from the LoRA params and fingerprint.
+  Online when WANDB_API_KEY is set, offline otherwise (sync later with `wandb sync`), off with
+  WANDB_MODE=disabled. The run id is kept beside the checkpoint, so a resumed run appends to the same W&B run.
+Only params go into the W&B config: they are validated and hold no secrets (those stay in the environment).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+from stages.log import get_logger
+from stages.params import Params
+
+log = get_logger(__name__)
+
+CURVES_DIR = Path("metrics/train_curves")
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def truncate_history(live_dir: Path, step: int) -> None:
+    """Drop DVCLive rows logged after `step` (work lost in a crash), so a resumed run never repeats a step."""
+    for tsv in live_dir.glob("plots/metrics/**/*.tsv"):
+        with open(tsv, newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+            fields = list(rows[0]) if rows else []
+        kept = [r for r in rows if int(r["step"]) <= step]
+        with open(tsv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, delimiter="\t")
+            writer.writeheader()
+            writer.writerows(kept)
+
+
+def wandb_info(run_dir: Path, p: Params, fp: str) -> dict[str, Any] | None:
+    """The W&B run this training writes to (id stable across resumes), or None when W&B is disabled."""
+    mode = os.environ.get("WANDB_MODE", "online" if os.environ.get("WANDB_API_KEY") else "offline")
+    if mode == "disabled":
+        return None
+    id_file = run_dir / WANDB_ID_FILE
+    if not id_file.is_file():
+        id_file.write_text(secrets.token_hex(4) + "\n")  # W&B run ids: short, lowercase alphanumeric
+    return {
+        "id": id_file.read_text().strip(),
+        "project": f"medical-asr-poc-{p.model.preset}",
+        "name": f"lora-r{p.lora.rank}-{fp[:8]}",
+        "offline": mode != "online",
+    }
+
+
+def loggers(p: Params, run_dir: Path, fp: str, resumed_step: int | None) -> tuple[list[Any], dict[str, Any] | None]:
+    from dvclive.lightning import DVCLiveLogger
+
+    live_dir = run_dir / "dvclive"
+    if resumed_step is None:
+        shutil.rmtree(live_dir, ignore_errors=True)
+    else:
+        truncate_history(live_dir, resumed_step)
+    # dvcyaml/save_dvc_exp off: the pipeline's dvc.yaml declares the curves; DVC, not DVCLive, tracks the run
+    out: list[Any] = [
+        DVCLiveLogger(dir=str(live_dir), resume=resumed_step is not None, dvcyaml=None, save_dvc_exp=False)
+    ]
+    info = wandb_info(run_dir, p, fp)
+    if info is not None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        logger = WandbLogger(
+            project=info["project"],
+            name=info["name"],
+            id=info["id"],
+            resume="allow",
+            save_dir=str(run_dir),
+            offline=info["offline"],
+            config=p.model_dump(),
+        )
+        out.append(logger)
+        if info["offline"]:
+            log.info(
+                "W&B offline run %s in %s/wandb (upload later: `wandb sync %s/wandb`)", info["id"], run_dir, run_dir
+            )
+        else:
+            info["url"] = logger.experiment.url
+            log.info("W&B run: %s", info["url"])
+    return out, info
+
+
+def publish_curves(run_dir: Path, out: Path = CURVES_DIR) -> None:
+    """Copy the DVCLive files to the stage's declared plots output."""
+    shutil.rmtree(out, ignore_errors=True)
+    if (run_dir / "dvclive").is_dir():
+        shutil.copytree(run_dir / "dvclive", out)
