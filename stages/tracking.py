@@ -71,6 +71,10 @@ def loggers(p: Params, run_dir: Path, fp: str, resumed_step: int | None) -> tupl
     if info is not None:
         from lightning.pytorch.loggers import WandbLogger
 
+        # An inherited WANDB_SERVICE would attach this run to a parent's W&B service, which still holds the run id
+        # of a training killed earlier ("run ID is in use"): each training process runs its own service.
+        os.environ.pop("WANDB_SERVICE", None)
+
         logger = WandbLogger(
             project=info["project"],
             name=info["name"],

@@ -29,7 +29,12 @@ def train_in(tmp: Path, manifests: Path, p) -> dict:
     from stages import train
 
     return train.run(
-        p, manifest_dir=manifests, ckpt_root=tmp / "ckpt", model_dir=tmp / "model", metrics_file=tmp / "train.json"
+        p,
+        manifest_dir=manifests,
+        ckpt_root=tmp / "ckpt",
+        model_dir=tmp / "model",
+        metrics_file=tmp / "train.json",
+        curves_dir=tmp / "curves",
     )
 
 
