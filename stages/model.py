@@ -293,11 +293,24 @@ def load_released(pretrained: str, revision: str | None, lora: LoraParams, train
 
 def build_composed(pretrained_asr: str, pretrained_llm: str, lora: LoraParams, trainable: Sequence[str]) -> SALM:
     """The compose preset: a pretrained NeMo ASR encoder + a pretrained HF causal LM, joined by a new projection."""
+    from nemo.collections.asr.models import ASRModel
     from nemo.collections.speechlm2.models import SALM
 
+    # The projection is Linear(d_model -> LLM width) only when the adapter declares d_model: read the encoder's
+    # width from the checkpoint's config (no weights are loaded for this).
+    try:
+        if Path(pretrained_asr).is_file():
+            asr_cfg = ASRModel.restore_from(pretrained_asr, return_config=True)
+        else:
+            asr_cfg = ASRModel.from_pretrained(pretrained_asr, return_config=True)
+    except (OSError, RuntimeError, ValueError, FileNotFoundError) as exc:
+        raise StageError(f"could not read model.pretrained_asr={pretrained_asr!r}: {exc}") from None
     perception = {
         "target": "nemo.collections.speechlm2.modules.perception.AudioPerceptionModule",
-        "modality_adapter": {"_target_": "nemo.collections.speechlm2.modules.perception.IdentityConnector"},
+        "modality_adapter": {
+            "_target_": "nemo.collections.speechlm2.modules.perception.IdentityConnector",
+            "d_model": int(asr_cfg.encoder.d_model),
+        },
     }
     cfg = salm_config(pretrained_llm, pretrained_asr, perception, trainable, lora, True)
     return SALM(cfg)
@@ -348,8 +361,9 @@ def export(model: SALM, out: Path, meta: dict[str, Any], self_contained: bool) -
     """Write a model folder `load_model` reads back in one call.
 
     Always: config.json, tokenizer, llm_backbone/config.json, trained.safetensors (our adapter + trained weights),
-    medasr.json (how it was made). `self_contained` (tiny preset) also writes the full model.safetensors; otherwise
-    the base weights come from the pinned base checkpoint named in medasr.json (the HF cache when offline).
+    medasr.json (how it was made). `self_contained` (tiny and compose presets) also writes the full
+    model.safetensors; otherwise (canary-qwen-2.5b) the base weights come from the pinned base checkpoint named in
+    medasr.json (the HF cache when offline).
     """
     from safetensors.torch import save_file
 

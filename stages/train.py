@@ -323,6 +323,14 @@ def transcribe_rows(
     return transcribe(model, [base / r["audio_filepath"] for r in rows], batch_size)
 
 
+def _base_description(p: Params) -> dict[str, Any]:
+    if p.model.preset == "canary-qwen-2.5b":
+        return {"id": p.model.pretrained, "revision": p.model.revision}
+    if p.model.preset == "compose":
+        return {"id": f"{p.model.pretrained_asr} + {p.model.pretrained_llm}", "revision": None}
+    return {"id": "tiny", "revision": None}
+
+
 def _git_commit() -> str:
     import subprocess
 
@@ -467,10 +475,7 @@ def run(
         exported_from, exported_step = "best", int(json.loads((run_dir / "best" / META).read_text())["step"])
     meta = {
         "preset": p.model.preset,
-        "base": {
-            "id": p.model.pretrained if p.model.preset == "canary-qwen-2.5b" else p.model.preset,
-            "revision": p.model.revision,
-        },
+        "base": _base_description(p),
         "lora": p.lora.model_dump(),
         "trainable": list(p.model.trainable),
         "seed": p.train.seed,
@@ -482,7 +487,8 @@ def run(
         "params": p.model_dump(),
     }
     with atomic_dir(model_dir) as tmp:
-        export(model, tmp, meta, self_contained=p.model.preset == "tiny")
+        # only the canary preset can rebuild its base from a pinned checkpoint; the others ship their full weights
+        export(model, tmp, meta, self_contained=p.model.preset != "canary-qwen-2.5b")
     metrics = {
         "global_step": trainer.global_step,
         "train_loss": callback.last_loss,

@@ -88,3 +88,94 @@ def test_unloadable_pretrained_is_a_clear_error(tmp_path):
     p = tiny_params()
     with pytest.raises(StageError, match=r"could not load model\.pretrained"):
         load_released(str(tmp_path / "missing"), None, p.lora, p.model.trainable)
+
+
+def tiny_asr_nemo(path):
+    """A tiny NeMo CTC ASR model saved as .nemo: the kind of encoder the compose preset takes."""
+    from nemo.collections.asr.models import EncDecCTCModel
+    from omegaconf import OmegaConf
+
+    from stages.model import _tiny_perception
+
+    perception = _tiny_perception(64)
+    labels = list("abcdefghijklmnopqrstuvwxyz' ")
+    decoder = {
+        "_target_": "nemo.collections.asr.modules.ConvASRDecoder",
+        "feat_in": 64,
+        "num_classes": len(labels),
+        "vocabulary": labels,
+    }
+    cfg = {
+        "sample_rate": 16000,
+        "labels": labels,
+        "preprocessor": perception["preprocessor"],
+        "encoder": perception["encoder"],
+        "decoder": decoder,
+    }
+    torch.manual_seed(0)
+    EncDecCTCModel(cfg=OmegaConf.create(cfg)).save_to(str(path))
+    return path
+
+
+def tiny_hf_llm(path, hidden: int = 96):
+    """A tiny HF causal LM folder whose width differs from the encoder's, so the projection is a real Linear."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from stages.model import _tiny_llm_dir
+
+    _tiny_llm_dir(path, seed=3)
+    tiny = Qwen3Config.from_pretrained(path)
+    config = Qwen3Config(
+        vocab_size=tiny.vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        tie_word_embeddings=True,
+        eos_token_id=tiny.eos_token_id,
+        pad_token_id=tiny.pad_token_id,
+    )
+    torch.manual_seed(3)
+    Qwen3ForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_compose_preset_trains_a_local_nemo_encoder_with_a_local_hf_llm(tmp_path, demo_manifests):
+    from nemo.collections.asr.models import ASRModel
+    from transformers import AutoModelForCausalLM
+
+    from stages import train
+    from stages.model import load_model
+
+    nemo = tiny_asr_nemo(tmp_path / "asr.nemo")
+    llm_dir = tiny_hf_llm(tmp_path / "llm")
+    p = tiny_params(
+        **{
+            "model.preset": "compose",
+            "model.pretrained_asr": str(nemo),
+            "model.pretrained_llm": str(llm_dir),
+            "train.max_steps": 4,
+        }
+    )
+    metrics = train.run(
+        p,
+        manifest_dir=demo_manifests,
+        ckpt_root=tmp_path / "ckpt",
+        model_dir=tmp_path / "model",
+        metrics_file=tmp_path / "train.json",
+        curves_dir=tmp_path / "curves",
+    )
+    model = load_model(tmp_path / "model")
+
+    assert metrics["global_step"] == 4
+    assert isinstance(model.perception.proj, torch.nn.Linear)
+    assert (model.perception.proj.in_features, model.perception.proj.out_features) == (64, 96)
+    # started from the pretrained parts: the frozen LLM still holds the folder's weights, the encoder has trained
+    hf = AutoModelForCausalLM.from_pretrained(llm_dir).state_dict()
+    base = model.llm.get_base_model().state_dict()
+    assert all(torch.equal(hf[k], base[k]) for k in hf if k in base and "embed" not in k)
+    asr = ASRModel.restore_from(str(nemo)).encoder.state_dict()
+    trained = model.perception.encoder.state_dict()
+    assert asr.keys() == trained.keys() and any(not torch.equal(asr[k], trained[k]) for k in asr)
