@@ -404,6 +404,11 @@ def run(
     if p.train.val_every and not val_rows:
         raise StageError(f"{manifest_dir}/val.json is empty but train.val_every={p.train.val_every}: set it to 0")
 
+    import torch
+
+    if p.train.optimizer == "adamw8bit" and not torch.cuda.is_available():
+        raise StageError("train.optimizer=adamw8bit needs a CUDA GPU (bitsandbytes); use adamw on this machine")
+
     started = time.time()
     data_sha256 = data_hash(manifest_dir)
     fp = fingerprint(p, data_sha256)
@@ -414,7 +419,6 @@ def run(
         shutil.rmtree(run_dir)  # nothing usable in it (all corrupt or incomplete)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    import torch
     from lightning import Trainer, seed_everything
     from nemo.collections.speechlm2.data import DataModule, SALMDataset
     from omegaconf import OmegaConf, open_dict

@@ -122,6 +122,13 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, demo_man
     assert find_resumable(run_dir, "another-fingerprint") is None
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_8bit_optimizer_without_a_gpu_is_refused_before_any_work(tmp_path, demo_manifests):
+    with pytest.raises(StageError, match="adamw8bit needs a CUDA GPU"):
+        train_in(tmp_path, demo_manifests, tiny_params(**{"train.optimizer": "adamw8bit"}))
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_empty_train_split_is_refused(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "train.json").write_text("")
