@@ -12,6 +12,7 @@ NeMo is imported lazily (10+ s): nothing here runs at CLI start-up.
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 from collections.abc import Sequence
@@ -65,7 +66,7 @@ RELEASED_LORA = {
     "lora_dropout": 0.01,
     "target_modules": ["q_proj", "v_proj"],
 }
-RELEASED_PERCEPTION = {  # nvidia/canary-1b-flash's FastConformer + a 1024 -> 2048 projection
+RELEASED_PERCEPTION: dict[str, Any] = {  # nvidia/canary-1b-flash's FastConformer + a 1024 -> 2048 projection
     "target": "nemo.collections.speechlm2.modules.perception.AudioPerceptionModule",
     "output_dim": 2048,
     "modality_adapter": {
@@ -172,48 +173,25 @@ def _tiny_llm_dir(out: Path, seed: int) -> Path:
 
 
 def _tiny_perception(llm_hidden: int) -> dict[str, Any]:
+    """The released perception (preprocessor, FastConformer, projection) shrunk: 2 layers, width 64, no dropout,
+    no dither (tests compare tensors bit for bit)."""
     d = TINY["hidden"]
-    return {
-        "target": "nemo.collections.speechlm2.modules.perception.AudioPerceptionModule",
-        "output_dim": llm_hidden,
-        "preprocessor": {
-            "_target_": "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
-            "sample_rate": 16000,
-            "normalize": "per_feature",
-            "window_size": 0.025,
-            "window_stride": 0.01,
-            "window": "hann",
-            "features": 80,
-            "n_fft": 512,
-            "log": True,
-            "frame_splicing": 1,
-            "dither": 0.0,
-            "pad_to": 0,
-            "pad_value": 0.0,
-        },
-        "encoder": {
-            "_target_": "nemo.collections.asr.modules.ConformerEncoder",
-            "feat_in": 80,
-            "feat_out": -1,
-            "n_layers": 2,
-            "d_model": d,
-            "subsampling": "dw_striding",
-            "subsampling_factor": 8,  # 80 ms per output frame, as canary's FastConformer
-            "subsampling_conv_channels": d,
-            "ff_expansion_factor": 2,
-            "self_attention_model": "rel_pos",
-            "n_heads": 4,
-            "conv_kernel_size": 9,
-            "dropout": 0.0,
-            "dropout_pre_encoder": 0.0,
-            "dropout_emb": 0.0,
-            "dropout_att": 0.0,
-        },
-        "modality_adapter": {
-            "_target_": "nemo.collections.speechlm2.modules.perception.IdentityConnector",
-            "d_model": d,
-        },
-    }
+    perception: Any = copy.deepcopy(RELEASED_PERCEPTION)
+    perception["output_dim"] = llm_hidden
+    perception["modality_adapter"]["d_model"] = d
+    perception["preprocessor"]["dither"] = 0.0
+    perception["encoder"].update(
+        n_layers=2,
+        d_model=d,
+        n_heads=4,
+        subsampling_conv_channels=d,
+        ff_expansion_factor=2,
+        dropout=0.0,
+        dropout_pre_encoder=0.0,
+        dropout_emb=0.0,
+        dropout_att=0.0,
+    )
+    return perception
 
 
 def salm_config(
