@@ -125,6 +125,9 @@ class TrainParams(_Block):
     val_max_utts: int = Field(gt=0, description="validation uses this fixed slice of the val split")
     early_stop_patience: int = Field(ge=0, description="stop after this many validations without gain; 0 = off")
     early_stop_delta: float = Field(ge=0, description="a WER drop smaller than this is not a gain")
+    stop_grace_s: float = Field(
+        ge=0, description="on SIGTERM/SIGINT: seconds allowed to finish mirroring the last checkpoint before exiting"
+    )
 
 
 class EvalParams(_Block):

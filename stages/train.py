@@ -23,6 +23,8 @@ import json
 import random
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from stages import StageError
 from stages.files import atomic_dir, read_jsonl, write_json_atomic, write_text_atomic
 from stages.log import get_logger
 from stages.params import Params
+from stages.remote import Mirror, Uploader, open_mirror
 from stages.tracking import CURVES_DIR
 
 log = get_logger(__name__)
@@ -54,7 +57,16 @@ NOT_FINGERPRINTED = {
     "val_max_utts",
     "early_stop_patience",
     "early_stop_delta",
+    "stop_grace_s",
 }
+# Files beside the checkpoints that travel with each one (to the remote and back): the W&B run id, the DVCLive
+# history and the best-by-WER adapter.
+EXTRAS = ("wandb_run_id", "dvclive", "best")
+
+
+class TrainingInterrupted(SystemExit):
+    """SIGTERM/SIGINT after the last checkpoint was saved (and mirrored): exit non-zero, so DVC never records an
+    unfinished stage as done."""
 
 
 def data_hash(manifest_dir: Path = MANIFEST_DIR) -> str:
@@ -186,7 +198,15 @@ def _resumable_datamodule(base: type) -> type:
     return ResumableDataModule
 
 
-def _callbacks(p: Params, fp: str, run_dir: Path, val_rows: list[dict[str, Any]], base: Path) -> Any:
+def _callbacks(
+    p: Params,
+    fp: str,
+    run_dir: Path,
+    val_rows: list[dict[str, Any]],
+    base: Path,
+    uploader: Any,
+    stop: dict[str, int | None],
+) -> Any:
     """The Lightning callback that checkpoints, resumes RNG + data position, validates WER and stops early."""
     import torch
     from lightning.pytorch.callbacks import Callback
@@ -266,6 +286,14 @@ def _callbacks(p: Params, fp: str, run_dir: Path, val_rows: list[dict[str, Any]]
                 self.validate(trainer, pl_module, step)
             if step % p.train.checkpoint_every == 0 or step >= p.train.max_steps or trainer.should_stop:
                 self.save(trainer, step)
+            if stop["signal"] is not None:
+                self.save(trainer, step)
+                if uploader is not None and not uploader.drain(p.train.stop_grace_s):
+                    log.error(
+                        "stop grace time (%ss) ran out before the last checkpoint was mirrored", p.train.stop_grace_s
+                    )
+                log.warning("stopped at step %d on signal %d; rerun to resume", step, stop["signal"])
+                raise TrainingInterrupted(128 + stop["signal"])
 
         def save(self, trainer, step: int) -> None:
             if step == self.last_saved:
@@ -273,6 +301,11 @@ def _callbacks(p: Params, fp: str, run_dir: Path, val_rows: list[dict[str, Any]]
             name = f"step-{step:08d}"
             with atomic_dir(run_dir / name) as tmp:
                 trainer.save_checkpoint(tmp / STATE)
+                for extra in EXTRAS:  # what must travel with this checkpoint
+                    if (run_dir / extra).is_dir():
+                        shutil.copytree(run_dir / extra, tmp / extra)
+                    elif (run_dir / extra).is_file():
+                        shutil.copy2(run_dir / extra, tmp / extra)
                 meta = {
                     "fingerprint": fp,
                     "step": step,
@@ -284,6 +317,8 @@ def _callbacks(p: Params, fp: str, run_dir: Path, val_rows: list[dict[str, Any]]
                 write_json_atomic(tmp / META, meta)
             write_text_atomic(run_dir / LATEST, name + "\n")
             self.last_saved = step
+            if uploader is not None:
+                uploader.submit(run_dir / name)
             for old in sorted(d for d in run_dir.glob("step-*") if d.is_dir())[: -p.train.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
 
@@ -321,6 +356,52 @@ def transcribe_rows(
     from stages.inference import transcribe
 
     return transcribe(model, [base / r["audio_filepath"] for r in rows], batch_size)
+
+
+def restore_from_mirror(mirror: Mirror, run_dir: Path, fp: str) -> Checkpoint | None:
+    """The newest complete, intact mirrored checkpoint, downloaded into `run_dir` with what travels with it."""
+    try:
+        names = mirror.complete_steps()
+    except Exception as exc:  # the loop around us retries; starting fresh here could throw away a long run
+        raise StageError(f"DVC remote {mirror.remote!r} unreachable while looking for a checkpoint: {exc}") from None
+    for name in names:
+        try:
+            folder = mirror.download(name, run_dir)
+        except Exception as exc:
+            log.warning("could not download mirrored checkpoint %s: %s", name, exc)
+            continue
+        for extra in EXTRAS:
+            target = run_dir / extra
+            if (folder / extra).is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+                shutil.copytree(folder / extra, target)
+            elif (folder / extra).is_file():
+                shutil.copy2(folder / extra, target)
+        write_text_atomic(run_dir / LATEST, name + "\n")
+        found = find_resumable(run_dir, fp)
+        if found is not None and found.path.name == name:
+            log.info("restored %s from DVC remote %r", name, mirror.remote)
+            return found
+        shutil.rmtree(folder, ignore_errors=True)
+    return None
+
+
+@contextmanager
+def _stop_signals_set_flag(stop: dict[str, int | None]) -> Iterator[None]:
+    """While training: SIGTERM/SIGINT only set a flag; the loop checkpoints after the current step, then exits."""
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop["signal"] is None:
+            log.warning("received %s: checkpointing after this step, then exiting", signal.Signals(signum).name)
+        stop["signal"] = signum
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _base_description(p: Params) -> dict[str, Any]:
@@ -396,6 +477,7 @@ def run(
     model_dir: Path = MODEL_DIR,
     metrics_file: Path = METRICS_FILE,
     curves_dir: Path = CURVES_DIR,
+    mirror_checkpoints: bool = True,
 ) -> dict[str, Any]:
     train_rows = read_jsonl(manifest_dir / "train.json") if (manifest_dir / "train.json").is_file() else []
     val_rows = read_jsonl(manifest_dir / "val.json") if (manifest_dir / "val.json").is_file() else []
@@ -413,11 +495,17 @@ def run(
     data_sha256 = data_hash(manifest_dir)
     fp = fingerprint(p, data_sha256)
     run_dir = ckpt_root / fp
-    resume = find_resumable(run_dir, fp)
-    log.info("fingerprint %s: %s", fp, f"resuming from step {resume.step}" if resume else "starting fresh")
-    if resume is None and run_dir.exists():
-        shutil.rmtree(run_dir)  # nothing usable in it (all corrupt or incomplete)
+    mirror = open_mirror(fp) if mirror_checkpoints else None
+    resume, source = find_resumable(run_dir, fp), "local"
+    if resume is None:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # nothing usable in it (all corrupt or incomplete)
+        resume, source = (restore_from_mirror(mirror, run_dir, fp), "remote") if mirror else (None, "none")
+    source = source if resume else "none"
+    log.info("fingerprint %s: %s", fp, f"resuming from step {resume.step} ({source})" if resume else "starting fresh")
     run_dir.mkdir(parents=True, exist_ok=True)
+    uploader = Uploader(mirror, p.train.keep_checkpoints) if mirror else None
+    stop: dict[str, int | None] = {"signal": None}
 
     from lightning import Trainer, seed_everything
     from nemo.collections.speechlm2.data import DataModule, SALMDataset
@@ -439,7 +527,7 @@ def run(
         OmegaConf.create(data_config(manifest_dir, p)), tokenizer=model.tokenizer, dataset=SALMDataset(model.tokenizer)
     )
     datamodule.position = (resume.meta["epoch"], resume.meta["epoch_batches"]) if resume else None
-    callback = _callbacks(p, fp, run_dir, val_rows[: p.train.val_max_utts], manifest_dir)
+    callback = _callbacks(p, fp, run_dir, val_rows[: p.train.val_max_utts], manifest_dir, uploader, stop)
     trackers, wandb_run = loggers(p, run_dir, fp, resume.step if resume else None)
     gpu = torch.cuda.is_available()
     trainer = Trainer(
@@ -462,12 +550,15 @@ def run(
     )
     if resume and resume.step >= p.train.max_steps:
         log.info("checkpoint at step %d already reaches max_steps=%d: exporting it", resume.step, p.train.max_steps)
-    trainer.fit(model, datamodule, ckpt_path=str(resume.path / STATE) if resume else None)
+    with _stop_signals_set_flag(stop):
+        trainer.fit(model, datamodule, ckpt_path=str(resume.path / STATE) if resume else None)
     if wandb_run is not None:
         import wandb
 
         wandb.finish()
     publish_curves(run_dir, curves_dir)
+    if uploader is not None and not uploader.drain(p.train.stop_grace_s):
+        log.warning("the last checkpoint was not mirrored within %ss", p.train.stop_grace_s)
 
     best = run_dir / "best" / "trained.safetensors"
     exported_from = "last"
@@ -497,7 +588,7 @@ def run(
         "global_step": trainer.global_step,
         "train_loss": callback.last_loss,
         "resumed_from_step": resume.step if resume else 0,
-        "resume_source": "local" if resume else "none",
+        "resume_source": source,
         "trainable_params": trainable,
         "exported_step": exported_step,
         "exported_from": exported_from,

@@ -35,6 +35,7 @@ def train_in(tmp: Path, manifests: Path, p) -> dict:
         model_dir=tmp / "model",
         metrics_file=tmp / "train.json",
         curves_dir=tmp / "curves",
+        mirror_checkpoints=False,  # never into whatever remote the developer's checkout has
     )
 
 

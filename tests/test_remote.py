@@ -1,0 +1,185 @@
+"""Live checkpoint mirroring against a real S3-compatible server (moto in server mode on 127.0.0.1, started and
+stopped by these tests): resume on a fresh machine, an S3 outage mid-training, and SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import run_env, tiny_params
+
+pytestmark = pytest.mark.e2e
+
+BUCKET = "medasr-test"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    """moto's S3 server on loopback. In-memory: a restart loses every object (and the bucket, re-created here)."""
+
+    def __init__(self, port: int) -> None:
+        self.port, self.proc = port, None
+        self.endpoint = f"http://127.0.0.1:{port}"
+
+    def start(self) -> None:
+        moto = Path(sys.executable).parent / "moto_server"
+        self.proc = subprocess.Popen(
+            [str(moto), "-H", "127.0.0.1", "-p", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                break
+            except OSError:
+                assert time.time() < deadline, "moto server did not start"
+                time.sleep(0.1)
+        self.client().create_bucket(Bucket=BUCKET)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            **{k.lower(): v for k, v in CREDENTIALS.items() if k != "AWS_DEFAULT_REGION"},
+            region_name="us-east-1",
+        )
+
+    def keys(self) -> list[str]:
+        try:
+            return [o["Key"] for o in self.client().list_objects_v2(Bucket=BUCKET).get("Contents", [])]
+        except Exception:
+            return []
+
+    def complete_steps(self) -> list[int]:
+        return sorted(int(k.split("/step-")[1][:8]) for k in self.keys() if k.endswith("/meta.json") and "/step-" in k)
+
+
+@pytest.fixture
+def s3():
+    server = S3Server(free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+def workspace(root: Path, manifests: Path, p, s3: S3Server | None) -> Path:
+    """A minimal DVC repo holding the manifests and params, with the test server as its default remote."""
+    root.mkdir(parents=True)
+    shutil.copytree(manifests, root / "data" / "manifests")
+    (root / "params.yaml").write_text(yaml.safe_dump(p.model_dump()))
+    env = run_env() | CREDENTIALS
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"]):
+        subprocess.run(cmd, cwd=root, env=env, check=True)
+    if s3 is not None:
+        subprocess.run(["dvc", "remote", "add", "-d", "s3", f"s3://{BUCKET}/store"], cwd=root, env=env, check=True)
+        subprocess.run(["dvc", "remote", "modify", "s3", "endpointurl", s3.endpoint], cwd=root, env=env, check=True)
+    for cmd in (
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t.invalid", "commit", "-qm", "ws"],
+    ):
+        subprocess.run(cmd, cwd=root, env=env, check=True)  # a clone always has a commit (DVCLive needs one)
+    return root
+
+
+def train(ws: Path, **popen) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "stages.cli", "train"],
+        cwd=ws,
+        env=run_env() | CREDENTIALS,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def final_weights(ws: Path, step: int) -> dict:
+    (run_dir,) = (ws / "checkpoints" / "train").iterdir()
+    return torch.load(run_dir / f"step-{step:08d}" / "state.ckpt", weights_only=False)["state_dict"]
+
+
+def test_a_fresh_machine_resumes_from_the_mirrored_checkpoint(tmp_path, demo_manifests, s3):
+    p = tiny_params(**{"train.max_steps": 30, "train.checkpoint_every": 3})
+    first = workspace(tmp_path / "pod1", demo_manifests, p, s3)
+    proc = train(first)
+    wait_for(lambda: s3.complete_steps(), proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    mirrored = max(s3.complete_steps())
+    shutil.rmtree(first)  # the pod and its disk are gone
+
+    second = workspace(tmp_path / "pod2", demo_manifests, p, s3)
+    out = train(second).communicate(timeout=600)[0]
+    metrics = json.loads((second / "metrics" / "train.json").read_text())
+    assert metrics["resume_source"] == "remote", out[-3000:]
+    assert metrics["resumed_from_step"] >= mirrored > 0 and metrics["global_step"] == 30
+    # old mirrored checkpoints are pruned to keep_checkpoints
+    assert len(s3.complete_steps()) <= p.train.keep_checkpoints and max(s3.complete_steps()) == 30
+
+    straight = workspace(tmp_path / "straight", demo_manifests, p, None)
+    assert train(straight).wait(timeout=600) == 0
+    a, b = final_weights(straight, 30), final_weights(second, 30)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_s3_outage_during_training_is_retried_and_never_fatal(tmp_path, demo_manifests, s3):
+    p = tiny_params(**{"train.max_steps": 100, "train.checkpoint_every": 3})
+    ws = workspace(tmp_path / "pod", demo_manifests, p, s3)
+    proc = train(ws)
+    wait_for(lambda: s3.complete_steps(), proc)
+    s3.stop()
+    time.sleep(15)  # longer than the S3 client's own ~10 s of connection retries, so uploads really fail
+    s3.start()  # empty again: everything mirrored from now on is new
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert "failed (attempt" in out  # the outage was seen and reported
+    assert s3.complete_steps() and max(s3.complete_steps()) == 100  # a later checkpoint landed
+    assert "testing" not in out.replace("medasr-testing", "")  # credentials never printed
+
+
+def test_sigterm_checkpoints_mirrors_and_exits_non_zero(tmp_path, demo_manifests, s3):
+    p = tiny_params(**{"train.max_steps": 400, "train.checkpoint_every": 50})
+    ws = workspace(tmp_path / "pod", demo_manifests, p, s3)
+    proc = train(ws)
+    wait_for(lambda: list(ws.glob("checkpoints/train/*/wandb_run_id")), proc)
+    time.sleep(2)  # some steps in, between checkpoints
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=p.train.stop_grace_s + 60)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert not (ws / "metrics" / "train.json").exists()
+    (run_dir,) = (ws / "checkpoints" / "train").iterdir()
+    latest = (run_dir / "latest").read_text().strip()
+    assert latest != "step-00000050" or "stopped at step 50" in out
+    assert int(latest[5:]) in s3.complete_steps()  # the checkpoint taken on SIGTERM reached the remote
