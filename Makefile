@@ -40,6 +40,7 @@ lint: install
 	$(BIN)/mypy stages
 
 demo: install
+	medasr remote setup
 	dvc exp run $(DEMO_PARAMS)
 	dvc metrics show
 

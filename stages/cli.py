@@ -165,6 +165,26 @@ def export(
     typer.echo(f"wrote {out}")
 
 
+remote_app = typer.Typer(help="DVC remote for this machine.", no_args_is_help=True)
+app.add_typer(remote_app, name="remote")
+
+
+@remote_app.command("setup")
+def remote_setup() -> None:
+    """Choose this machine's default DVC remote in .dvc/config.local: S3 when MEDASR_S3_URL is set, else a local
+    folder under $MEDASR_WORKDIR. A default set in .dvc/config (`dvc remote add -d`) is kept. Writes no secrets."""
+    import subprocess
+
+    from stages.remote import setup_default_remote
+
+    try:
+        typer.echo(setup_default_remote())
+    except (ValueError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        typer.echo(f"error: {detail.strip()}", err=True)
+        raise typer.Exit(EXIT_STAGE_FAILED) from None
+
+
 @app.command()
 def doctor(params: Path = PARAMS_OPTION) -> None:
     """Check this machine: package versions, GPU, disk, DVC remote, W&B mode, secrets present, params valid.

@@ -145,3 +145,40 @@ def _one_line(exc: BaseException) -> str:
     """An exception as one short line (no credentials: botocore/s3fs messages name the bucket, not the keys)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return f"{type(exc).__name__}: {text[:300]}"
+
+
+def setup_default_remote(repo_root: Path = Path("."), environ: dict[str, str] | None = None) -> str:
+    """Pick this machine's default DVC remote, in the git-ignored `.dvc/config.local`, and say which.
+
+    - A default the user set in the committed config (`dvc remote add -d ...`) is respected: nothing changes.
+    - MEDASR_S3_URL (s3://bucket/prefix) set: an S3 remote, with MEDASR_S3_ENDPOINT_URL for S3-compatible stores
+      (MinIO, R2, RunPod's volume S3 API). Credentials stay in the environment (AWS_*), never in any config file.
+    - Otherwise a local-directory remote under $MEDASR_WORKDIR (/workspace on a RunPod volume when it exists, else
+      ~/.cache/medasr), so the pipeline and its checkpoint mirroring work without any cloud account.
+    """
+    import os
+    import subprocess
+
+    env = dict(os.environ if environ is None else environ)
+
+    def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["dvc", *args], cwd=repo_root, capture_output=True, text=True, check=check, env=env)
+
+    committed = dvc("config", "--project", "core.remote", check=False)
+    if committed.returncode == 0 and committed.stdout.strip():
+        # .dvc/config.local outranks .dvc/config: drop a default this command chose earlier, so the user's applies
+        dvc("config", "--local", "--unset", "core.remote", check=False)
+        return f"default remote {committed.stdout.strip()!r} from .dvc/config (set by you) kept"
+    if url := env.get("MEDASR_S3_URL", "").strip():
+        if not url.startswith("s3://"):
+            raise ValueError(f"MEDASR_S3_URL must look like s3://bucket/prefix, got {url!r}")
+        dvc("remote", "add", "--local", "--force", "--default", "medasr-s3", url)
+        if endpoint := env.get("MEDASR_S3_ENDPOINT_URL", "").strip():
+            dvc("remote", "modify", "--local", "medasr-s3", "endpointurl", endpoint)
+        return f"default remote 'medasr-s3' -> {url}" + (f" at {endpoint}" if endpoint else "")
+    workdir = env.get("MEDASR_WORKDIR") or ("/workspace" if Path("/workspace").is_dir() else None)
+    base = Path(workdir) if workdir else Path.home() / ".cache" / "medasr"
+    store = (base / "dvc-remote").resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    dvc("remote", "add", "--local", "--force", "--default", "medasr-local", str(store))
+    return f"default remote 'medasr-local' -> {store} (set MEDASR_S3_URL for S3)"

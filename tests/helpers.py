@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,8 @@ def run_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["WANDB_MODE"] = "offline"
+    # where `medasr remote setup` puts a local-directory remote: never the developer's home during tests
+    env.setdefault("MEDASR_WORKDIR", str(Path(tempfile.gettempdir()) / "medasr-tests-workdir"))
     return env
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -183,3 +184,68 @@ def test_sigterm_checkpoints_mirrors_and_exits_non_zero(tmp_path, demo_manifests
     latest = (run_dir / "latest").read_text().strip()
     assert latest != "step-00000050" or "stopped at step 50" in out
     assert int(latest[5:]) in s3.complete_steps()  # the checkpoint taken on SIGTERM reached the remote
+
+
+def test_remote_setup_picks_s3_or_local_and_keeps_a_users_default(tmp_path):
+    from helpers import run, scratch_clone
+
+    repo = scratch_clone(tmp_path / "clone")
+    secret = "planted-secret-for-config-check"
+    base_env = {"AWS_SECRET_ACCESS_KEY": secret, "MEDASR_WORKDIR": str(tmp_path / "work")}
+
+    def setup(**extra: str) -> subprocess.CompletedProcess[str]:
+        env = run_env() | base_env | extra
+        return subprocess.run(
+            [sys.executable, "-m", "stages.cli", "remote", "setup"], cwd=repo, env=env, capture_output=True, text=True
+        )
+
+    local = setup()
+    assert local.returncode == 0 and "medasr-local" in local.stdout
+    assert run(repo, "dvc", "remote", "default").stdout.strip() == "medasr-local"
+    assert (tmp_path / "work" / "dvc-remote").is_dir()
+
+    s3 = setup(MEDASR_S3_URL="s3://bucket/medasr", MEDASR_S3_ENDPOINT_URL="http://127.0.0.1:9")
+    assert s3.returncode == 0 and "medasr-s3" in s3.stdout
+    assert run(repo, "dvc", "remote", "default").stdout.strip() == "medasr-s3"
+    config_local = (repo / ".dvc" / "config.local").read_text()
+    assert "endpointurl = http://127.0.0.1:9" in config_local
+    for path in (repo / ".dvc").rglob("config*"):
+        assert secret not in path.read_text()  # credentials stay in the environment
+    assert "config.local" in run(repo, "git", "check-ignore", ".dvc/config.local").stdout
+
+    bad = setup(MEDASR_S3_URL="bucket-without-scheme")
+    assert bad.returncode == 1 and "s3://bucket/prefix" in bad.stderr
+
+    run(repo, "dvc", "remote", "add", "-d", "mine", str(tmp_path / "mine"))  # the user's own, committed default
+    kept = setup(MEDASR_S3_URL="s3://bucket/medasr")
+    assert kept.returncode == 0 and "'mine'" in kept.stdout and "kept" in kept.stdout
+    assert run(repo, "dvc", "remote", "default").stdout.strip() == "mine"
+
+
+def test_a_fresh_clone_without_dvc_lock_restores_every_finished_stage_from_s3(tmp_path, s3):
+    from helpers import VENV_BIN, run, scratch_clone
+
+    env = CREDENTIALS | {"MEDASR_S3_URL": f"s3://{BUCKET}/pipeline", "MEDASR_S3_ENDPOINT_URL": s3.endpoint}
+
+    def sh(cwd: Path, *cmd: str) -> str:
+        proc = subprocess.run(cmd, cwd=cwd, env=run_env() | env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        return proc.stdout + proc.stderr
+
+    first = scratch_clone(tmp_path / "first")
+    sh(first, sys.executable, "-m", "stages.cli", "remote", "setup")
+    sh(first, "make", "-o", "install", "demo", f"VENV={VENV_BIN.parent}")
+    sh(first, "dvc", "push", "--run-cache")
+    run(first, "git", "add", "params.yaml")  # the demo's params, but not dvc.lock: a pod that never pushed git
+    run(first, "git", "commit", "-qm", "demo params")
+
+    second = tmp_path / "second"
+    run(tmp_path, "git", "clone", "-q", str(first), str(second))
+    assert not (second / "dvc.lock").exists()
+    sh(second, sys.executable, "-m", "stages.cli", "remote", "setup")
+    out = sh(second, "dvc", "repro", "--pull")
+    assert "Running stage" not in out, out[-3000:]
+    assert len(re.findall(r"Stage '\w+' is cached - skipping run, checking out outputs", out)) == 5, out[-3000:]
+    for name in ("data.json", "train.json", "eval.json"):
+        assert (second / "metrics" / name).read_text() == (first / "metrics" / name).read_text()
+    assert (second / "models" / "canary-qwen-medical-lora" / "medasr.json").is_file()
