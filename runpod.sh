@@ -1,35 +1,201 @@
 #!/usr/bin/env bash
-# RunPod continuous command: `bash runpod.sh` (or `bash runpod.sh --once` on a laptop: exit 0 when done).
+# RunPod continuous command: `bash runpod.sh` (RunPod "container start command"). Laptop/tests: `bash runpod.sh --once`.
+#   bash runpod.sh --check   preflight only (GPU, disk, work dir, remote, W&B), one line per problem
 #
-# SKELETON. It installs the pinned environment and loops `dvc repro` with full-jitter exponential backoff,
-# giving up after MEDASR_MAX_FAILURES failures in a row. The S3-remote issue completes it: caches and venv on
-# /workspace, preflight checks, `dvc repro --pull` + `dvc push --run-cache` per stage, signal forwarding to DVC's
-# process group, heartbeat and watchdog, and stopping the pod when done.
+# Loops the pipeline until it finishes: `dvc repro --pull <stage>` then `dvc push --run-cache`, stage by stage, so
+# finished stages are never recomputed and an interrupted training resumes from its mirrored checkpoint on any pod.
+# Failures back off (full jitter); N fast failures in a row stop the loop instead of burning GPU money. TERM/INT are
+# forwarded to the child's whole process tree; a child whose log stops growing is killed and retried (watchdog).
+# It never exits into RunPod's container-restart loop: on success it stops the pod, sleeps, or (--once) exits 0.
+#
+# Settings (environment or .env): MEDASR_WORKDIR (default /workspace: venv, caches, logs, local DVC remote),
+# MEDASR_ALLOW_CPU=1, MEDASR_MIN_FREE_GB (20), MEDASR_MAX_FAST_FAILURES (5), MEDASR_FAST_FAILURE_S (300),
+# MEDASR_BACKOFF_BASE_S (10), MEDASR_BACKOFF_MAX_S (600), MEDASR_HUNG_AFTER_S (1800), MEDASR_ON_SUCCESS
+# (stop|sleep, default stop on a pod), MEDASR_GIT_PUSH=1 (commit + push dvc.lock when git credentials exist),
+# MEDASR_CHILD (replace the pipeline command; for tests).
 set -uo pipefail
 cd "$(dirname "$0")"
+REPO=$PWD
 
-MAX_FAILURES="${MEDASR_MAX_FAILURES:-5}"
-MAX_DELAY="${MEDASR_MAX_BACKOFF_S:-600}"
+MODE=loop
+case "${1:-}" in
+  --once) MODE=once ;;
+  --check) MODE=check ;;
+  "") ;;
+  *) echo "usage: bash runpod.sh [--once|--check]" >&2; exit 2 ;;
+esac
 
-make install || { echo "runpod.sh: install failed" >&2; exit 1; }
-export PATH="$PWD/.venv/bin:$PATH"
-[[ -f .env ]] && { set -a; source .env; set +a; }   # values are never echoed
+if [[ -f .env ]]; then set -a; source .env; set +a; fi   # values are never echoed
+WORKDIR=${MEDASR_WORKDIR:-/workspace}
+LOGS=$WORKDIR/logs
+MAX_FAST_FAILURES=${MEDASR_MAX_FAST_FAILURES:-5}
+FAST_FAILURE_S=${MEDASR_FAST_FAILURE_S:-300}
+BACKOFF_BASE_S=${MEDASR_BACKOFF_BASE_S:-10}
+BACKOFF_MAX_S=${MEDASR_BACKOFF_MAX_S:-600}
+HUNG_AFTER_S=${MEDASR_HUNG_AFTER_S:-1800}
+ON_SUCCESS=${MEDASR_ON_SUCCESS:-stop}
+export MEDASR_WORKDIR=$WORKDIR
+# caches on the persistent volume, so a new pod does not download everything again
+export PIP_CACHE_DIR=$WORKDIR/cache/pip HF_HOME=$WORKDIR/cache/hf NEMO_CACHE_DIR=$WORKDIR/cache/nemo
+export DVC_CACHE_DIR=$WORKDIR/cache/dvc
+export WANDB_MODE=${WANDB_MODE:-$([[ -n "${WANDB_API_KEY:-}" ]] && echo online || echo offline)}
 
-failures=0
-delay=15
-until dvc repro; do
-  failures=$((failures + 1))
-  if (( failures >= MAX_FAILURES )); then
-    echo "runpod.sh: dvc repro failed ${failures} times in a row; giving up instead of burning GPU time" >&2
-    break
+mkdir -p "$LOGS" 2>/dev/null
+log() { printf '[runpod.sh %s] %s\n' "$(date -u +%FT%TZ)" "$*" | tee -a "$LOGS/runpod.log" >&2; }
+heartbeat() { printf '%s %s\n' "$(date -u +%s)" "$1" > "$LOGS/heartbeat"; }
+
+install() {
+  # The venv lives in the repo (make install is idempotent: a stamp file makes a second run a no-op).
+  make install >>"$LOGS/install.log" 2>&1 || { log "install failed: see $LOGS/install.log"; return 1; }
+  export PATH="$REPO/.venv/bin:$PATH"
+}
+
+preflight() {
+  local problems=0
+  if [[ "${MEDASR_ALLOW_CPU:-0}" != 1 ]] && ! command -v nvidia-smi >/dev/null 2>&1; then
+    log "problem: no GPU visible (nvidia-smi missing); set MEDASR_ALLOW_CPU=1 to run on CPU"; problems=1
   fi
-  wait_s=$(( (RANDOM % delay) + 1 ))
-  echo "runpod.sh: dvc repro failed (${failures}/${MAX_FAILURES}); retrying in ${wait_s}s" >&2
-  sleep "${wait_s}"
-  delay=$(( delay * 2 > MAX_DELAY ? MAX_DELAY : delay * 2 ))
-done
+  if ! touch "$WORKDIR/.write-test" 2>/dev/null; then
+    log "problem: $WORKDIR is not writable (attach a volume or set MEDASR_WORKDIR)"; problems=1
+  else
+    rm -f "$WORKDIR/.write-test"
+    local free_gb
+    free_gb=$(df -Pk "$WORKDIR" | awk 'NR==2 {print int($4/1048576)}')
+    if (( free_gb < ${MEDASR_MIN_FREE_GB:-20} )); then
+      log "problem: only ${free_gb} GiB free in $WORKDIR (need ${MEDASR_MIN_FREE_GB:-20})"; problems=1
+    fi
+  fi
+  if ! medasr remote setup >>"$LOGS/runpod.log" 2>&1; then
+    log "problem: could not configure the DVC remote (see $LOGS/runpod.log)"; problems=1
+  elif ! python -c 'import sys; from stages.remote import check_remote; sys.exit(check_remote())' \
+      >>"$LOGS/runpod.log" 2>&1; then
+    log "problem: the DVC remote is not reachable with the given credentials (see $LOGS/runpod.log)"; problems=1
+  fi
+  log "W&B mode: $WANDB_MODE"
+  return $problems
+}
 
-(( failures < MAX_FAILURES )) && dvc metrics show
-[[ "${1:-}" == "--once" ]] && exit $(( failures >= MAX_FAILURES ))
-# A continuous command that exits makes RunPod restart the container (and re-run everything): stay up instead.
-exec sleep infinity
+clear_stale_locks() {
+  # A SIGKILLed dvc leaves .dvc/tmp/rwlock behind; remove it only when no dvc process of ours is alive.
+  if [[ -e .dvc/tmp/rwlock ]] && ! pgrep -u "$(id -u)" -f '(^|/| )dvc( |$)' >/dev/null; then
+    log "removing a stale DVC lock (no dvc process alive)"
+    rm -f .dvc/tmp/rwlock .dvc/tmp/lock
+  fi
+}
+
+pipeline() {
+  local stage
+  for stage in fetch subset manifest train eval; do
+    dvc repro --pull "$stage" || return 1
+    dvc push --run-cache || return 1
+  done
+}
+
+descendants() {  # every process below $1 (dvc starts stages in their own process groups)
+  local child
+  for child in $(pgrep -P "$1"); do echo "$child"; descendants "$child"; done
+}
+
+CHILD=0
+signal_child() {
+  local sig=$1
+  if (( CHILD > 0 )); then
+    log "forwarding SIG$sig to the pipeline (process tree of $CHILD)"
+    # shellcheck disable=SC2046
+    kill -s "$sig" -- "-$CHILD" $(descendants "$CHILD") 2>/dev/null
+  fi
+}
+on_signal() {
+  STOPPING=$1
+  signal_child "$1"
+}
+STOPPING=""
+trap 'on_signal TERM' TERM
+trap 'on_signal INT' INT
+
+run_child() {
+  # Runs the pipeline (or $MEDASR_CHILD) in its own session, logging to a file, with a watchdog on log growth.
+  local log_file=$LOGS/pipeline.log size=-1 last_growth=$SECONDS rc
+  if [[ -n "${MEDASR_CHILD:-}" ]]; then
+    setsid bash -c "$MEDASR_CHILD" >>"$log_file" 2>&1 &
+  else
+    setsid bash -c "$(declare -f pipeline); pipeline" >>"$log_file" 2>&1 &
+  fi
+  CHILD=$!
+  while kill -0 "$CHILD" 2>/dev/null; do
+    heartbeat "running pid=$CHILD"
+    local now_size
+    now_size=$(stat -c %s "$log_file" 2>/dev/null || echo 0)
+    if (( now_size != size )); then size=$now_size; last_growth=$SECONDS; fi
+    if (( SECONDS - last_growth > HUNG_AFTER_S )); then
+      log "watchdog: no output for ${HUNG_AFTER_S}s, killing the pipeline"
+      signal_child TERM; sleep 5; signal_child KILL
+    fi
+    sleep 1
+  done
+  wait "$CHILD"; rc=$?
+  CHILD=0
+  return $rc
+}
+
+on_success() {
+  heartbeat "done"
+  log "pipeline finished"
+  dvc metrics show 2>&1 | tee -a "$LOGS/runpod.log" >&2 || true
+  if [[ "${MEDASR_GIT_PUSH:-0}" == 1 ]] && git remote get-url origin >/dev/null 2>&1; then
+    git add dvc.lock && git commit -qm "runpod: pipeline results $(date -u +%FT%TZ)" && git push -q \
+      || log "could not commit/push dvc.lock (git credentials?)"
+  fi
+  [[ $MODE == once ]] && exit 0
+  if [[ $ON_SUCCESS == stop && -n "${RUNPOD_POD_ID:-}" ]] && command -v runpodctl >/dev/null; then
+    log "stopping pod $RUNPOD_POD_ID"
+    runpodctl stop pod "$RUNPOD_POD_ID"
+  fi
+  exec sleep infinity   # never exit: RunPod would restart the container and loop
+}
+
+give_up() {
+  heartbeat "gave up"
+  log "giving up: $1"
+  [[ $MODE == once ]] && exit 1
+  exec sleep infinity
+}
+
+if [[ -z "${MEDASR_CHILD:-}" ]] || [[ $MODE == check ]]; then
+  install || give_up "install failed"
+  if ! preflight; then
+    [[ $MODE == check ]] && exit 1
+    give_up "preflight failed (see the problem lines above)"
+  fi
+  [[ $MODE == check ]] && { log "preflight ok"; exit 0; }
+fi
+
+fast_failures=0
+attempt=0
+while :; do
+  attempt=$((attempt + 1))
+  clear_stale_locks
+  started=$SECONDS
+  log "attempt $attempt"
+  run_child
+  rc=$?
+  if [[ -n $STOPPING ]]; then
+    heartbeat "stopped"
+    log "stopped by SIG$STOPPING (pipeline exit code $rc)"
+    exit $((128 + $([[ $STOPPING == TERM ]] && echo 15 || echo 2)))
+  fi
+  (( rc == 0 )) && on_success
+  if (( SECONDS - started < FAST_FAILURE_S )); then fast_failures=$((fast_failures + 1)); else fast_failures=1; fi
+  log "pipeline failed (exit $rc, attempt $attempt, $fast_failures fast failure(s) in a row); last lines:"
+  tail -n 5 "$LOGS/pipeline.log" | sed 's/^/    /' >&2
+  if (( fast_failures >= MAX_FAST_FAILURES )); then
+    give_up "$fast_failures fast failures in a row: fix the cause (see $LOGS/pipeline.log) instead of retrying"
+  fi
+  cap=$(( BACKOFF_BASE_S * (1 << (fast_failures > 10 ? 10 : fast_failures)) ))
+  (( cap > BACKOFF_MAX_S )) && cap=$BACKOFF_MAX_S
+  delay=$(( cap > 0 ? RANDOM % (cap + 1) : 0 ))   # full jitter
+  log "retrying in ${delay}s"
+  heartbeat "backoff ${delay}s"
+  sleep "$delay" & wait $!
+  if [[ -n $STOPPING ]]; then log "stopped by SIG$STOPPING during backoff"; exit $((128 + $([[ $STOPPING == TERM ]] && echo 15 || echo 2))); fi
+done

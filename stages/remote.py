@@ -182,3 +182,30 @@ def setup_default_remote(repo_root: Path = Path("."), environ: dict[str, str] | 
     store.mkdir(parents=True, exist_ok=True)
     dvc("remote", "add", "--local", "--force", "--default", "medasr-local", str(store))
     return f"default remote 'medasr-local' -> {store} (set MEDASR_S3_URL for S3)"
+
+
+def check_remote(repo_root: Path | str = ".") -> int:
+    """Preflight: 0 when the default DVC remote answers a real listing with the given credentials, else 1 (one
+    line saying why, naming the remote, never a credential). `dvc status -c` is no health check: it can report
+    "in sync" for a remote it cannot reach."""
+    from dvc.config import NoRemoteError
+    from dvc.repo import Repo
+
+    repo = Repo(str(repo_root))
+    try:
+        remote = repo.cloud.get_remote()
+    except NoRemoteError:
+        print("no default DVC remote: run `medasr remote setup`")
+        return 1
+    finally:
+        repo.close()
+    try:
+        if remote.fs.exists(remote.path):
+            remote.fs.ls(remote.path, detail=False)
+        else:
+            remote.fs.ls(remote.fs.parent(remote.path) or remote.path, detail=False)
+    except Exception as exc:
+        print(f"DVC remote {remote.name!r} unreachable: {_one_line(exc)}")
+        return 1
+    print(f"DVC remote {remote.name!r} reachable")
+    return 0
