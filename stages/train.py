@@ -64,6 +64,16 @@ NOT_FINGERPRINTED = {
 EXTRAS = ("wandb_run_id", "dvclive", "best")
 
 
+def copy_extras(src: Path, dst: Path) -> None:
+    """Copy the files that travel with a checkpoint (EXTRAS) from `src` to `dst`, replacing what is there."""
+    for extra in EXTRAS:
+        if (src / extra).is_dir():
+            shutil.rmtree(dst / extra, ignore_errors=True)
+            shutil.copytree(src / extra, dst / extra)
+        elif (src / extra).is_file():
+            shutil.copy2(src / extra, dst / extra)
+
+
 class TrainingInterrupted(SystemExit):
     """SIGTERM/SIGINT after the last checkpoint was saved (and mirrored): exit non-zero, so DVC never records an
     unfinished stage as done."""
@@ -301,11 +311,7 @@ def _callbacks(
             name = f"step-{step:08d}"
             with atomic_dir(run_dir / name) as tmp:
                 trainer.save_checkpoint(tmp / STATE)
-                for extra in EXTRAS:  # what must travel with this checkpoint
-                    if (run_dir / extra).is_dir():
-                        shutil.copytree(run_dir / extra, tmp / extra)
-                    elif (run_dir / extra).is_file():
-                        shutil.copy2(run_dir / extra, tmp / extra)
+                copy_extras(run_dir, tmp)  # what must travel with this checkpoint
                 meta = {
                     "fingerprint": fp,
                     "step": step,
@@ -370,13 +376,7 @@ def restore_from_mirror(mirror: Mirror, run_dir: Path, fp: str) -> Checkpoint | 
         except Exception as exc:
             log.warning("could not download mirrored checkpoint %s: %s", name, exc)
             continue
-        for extra in EXTRAS:
-            target = run_dir / extra
-            if (folder / extra).is_dir():
-                shutil.rmtree(target, ignore_errors=True)
-                shutil.copytree(folder / extra, target)
-            elif (folder / extra).is_file():
-                shutil.copy2(folder / extra, target)
+        copy_extras(folder, run_dir)
         write_text_atomic(run_dir / LATEST, name + "\n")
         found = find_resumable(run_dir, fp)
         if found is not None and found.path.name == name:
