@@ -34,12 +34,13 @@ class Mirror:
     def upload(self, folder: Path) -> None:
         """Copy one checkpoint folder; its meta.json goes last, so a partial copy is never mistaken for complete."""
         dest = self.fs.join(self.root, folder.name)
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != META)
+        marker = folder / META  # only the top-level one is the completeness marker (best/meta.json is data)
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p != marker)
         for path in files:
             target = self.fs.join(dest, *path.relative_to(folder).parts)
             self.fs.makedirs(self.fs.parent(target), exist_ok=True)
             self.fs.put_file(str(path), target)
-        self.fs.put_file(str(folder / META), self.fs.join(dest, META))
+        self.fs.put_file(str(marker), self.fs.join(dest, META))
 
     def complete_steps(self) -> list[str]:
         """Names of the mirrored checkpoints that finished uploading, newest first."""

@@ -22,6 +22,7 @@ from stages.params import Params, parse_params
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "data" / "sources" / "demo"
 VENV_BIN = Path(sys.executable).parent
+SESSION_WORKDIR = tempfile.mkdtemp(prefix="medasr-tests-workdir-")
 
 
 def tone(seconds: float, rate: int = 16_000, channels: int = 1, freq: float = 440.0) -> np.ndarray:
@@ -86,8 +87,9 @@ def run_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["WANDB_MODE"] = "offline"
-    # where `medasr remote setup` puts a local-directory remote: never the developer's home during tests
-    env.setdefault("MEDASR_WORKDIR", str(Path(tempfile.gettempdir()) / "medasr-tests-workdir"))
+    # where `medasr remote setup` puts a local-directory remote: never the developer's home, and new for each test
+    # session, so no test resumes a checkpoint another run mirrored there
+    env.setdefault("MEDASR_WORKDIR", SESSION_WORKDIR)
     return env
 
 

@@ -76,7 +76,8 @@ class S3Server:
             return []
 
     def complete_steps(self) -> list[int]:
-        return sorted(int(k.split("/step-")[1][:8]) for k in self.keys() if k.endswith("/meta.json") and "/step-" in k)
+        # only a checkpoint's top-level meta.json marks it complete (best/meta.json inside it is data)
+        return sorted(int(m.group(1)) for k in self.keys() if (m := re.search(r"/step-(\d{8})/meta\.json$", k)))
 
 
 @pytest.fixture
@@ -132,7 +133,7 @@ def final_weights(ws: Path, step: int) -> dict:
 
 
 def test_a_fresh_machine_resumes_from_the_mirrored_checkpoint(tmp_path, demo_manifests, s3):
-    p = tiny_params(**{"train.max_steps": 30, "train.checkpoint_every": 3})
+    p = tiny_params(**{"train.max_steps": 30, "train.checkpoint_every": 3, "train.val_every": 6})
     first = workspace(tmp_path / "pod1", demo_manifests, p, s3)
     proc = train(first)
     wait_for(lambda: s3.complete_steps(), proc)
@@ -148,6 +149,14 @@ def test_a_fresh_machine_resumes_from_the_mirrored_checkpoint(tmp_path, demo_man
     assert metrics["resumed_from_step"] >= mirrored > 0 and metrics["global_step"] == 30
     # old mirrored checkpoints are pruned to keep_checkpoints
     assert len(s3.complete_steps()) <= p.train.keep_checkpoints and max(s3.complete_steps()) == 30
+
+    # a third machine after the run finished: it restores the final checkpoint (with its best-by-WER adapter) and
+    # exports it without training further
+    third = workspace(tmp_path / "pod3", demo_manifests, p, s3)
+    out = train(third).communicate(timeout=600)[0]
+    again = json.loads((third / "metrics" / "train.json").read_text())
+    assert (again["resume_source"], again["resumed_from_step"], again["global_step"]) == ("remote", 30, 30), out[-3000:]
+    assert again["exported_from"] == "best" and again["exported_step"] == metrics["exported_step"]
 
     straight = workspace(tmp_path / "straight", demo_manifests, p, None)
     assert train(straight).wait(timeout=600) == 0
