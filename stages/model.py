@@ -422,8 +422,8 @@ def load_model(folder: str | Path) -> SALM:
     return model.eval()
 
 
-def base_model(meta_or_params: ModelParams, lora: LoraParams, seed: int) -> SALM:
+def base_model(p: ModelParams, lora: LoraParams, seed: int) -> SALM:
     """The model before fine-tuning, for the base-vs-fine-tuned comparison: the same preset and seed, untrained,
     with our (zero-initialised, so inert) adapter installed."""
     with tempfile.TemporaryDirectory() as tmp:
-        return build_model(meta_or_params, lora, seed, Path(tmp)).eval()
+        return build_model(p, lora, seed, Path(tmp)).eval()

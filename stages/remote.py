@@ -92,8 +92,6 @@ class Uploader:
     def __init__(self, mirror: Mirror, keep: int, retries: int = 6, first_delay_s: float = 1.0) -> None:
         self.mirror, self.keep, self.retries, self.first_delay_s = mirror, keep, retries, first_delay_s
         self.queue: queue.Queue[Path | None] = queue.Queue()
-        self.uploaded: list[str] = []
-        self.failed: list[str] = []
         self.thread = threading.Thread(target=self._work, name="checkpoint-mirror", daemon=True)
         self.thread.start()
 
@@ -122,7 +120,6 @@ class Uploader:
             try:
                 self.mirror.upload(folder)
                 self.mirror.prune(self.keep)
-                self.uploaded.append(folder.name)
                 log.info("mirrored %s to DVC remote %r", folder.name, self.mirror.remote)
                 return
             except Exception as exc:  # network, auth, server down: report, retry, never kill training
@@ -138,7 +135,6 @@ class Uploader:
                     return
                 time.sleep(delay)
                 delay = min(delay * 2, 60.0)
-        self.failed.append(folder.name)
         log.error("gave up mirroring %s; the next checkpoint will be tried as usual", folder.name)
 
 

@@ -79,14 +79,19 @@ class TrainingInterrupted(SystemExit):
     unfinished stage as done."""
 
 
+def _digest_file(digest: Any, path: Path) -> Any:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest
+
+
 def data_hash(manifest_dir: Path = MANIFEST_DIR) -> str:
     """sha256 over every file under the manifest folder (manifests and audio), in a fixed order."""
     digest = hashlib.sha256()
     for path in sorted(p for p in manifest_dir.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(manifest_dir)).encode() + b"\0")
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        _digest_file(digest, path)
     return digest.hexdigest()
 
 
@@ -110,11 +115,7 @@ class Checkpoint:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return _digest_file(hashlib.sha256(), path).hexdigest()
 
 
 def find_resumable(run_dir: Path, fp: str) -> Checkpoint | None:
@@ -228,10 +229,8 @@ def _callbacks(
             self.pending_rng: dict[str, Any] | None = None
             self.epoch_batches = 0  # batches drawn in the current epoch: the data position
             self.restarted_epoch = False
-            self.resumed_step = 0
             self.last_saved = -1
-            self.best_wer: float | None = None
-            self.best_step: int | None = None
+            self.best_wer: float | None = None  # the best adapter's step is in best/meta.json
             self.bad_evals = 0
             self.last_loss: float | None = None
 
@@ -250,15 +249,10 @@ def _callbacks(
             info = checkpoint["medasr"]
             self.pending_rng = info["rng"]
             self.epoch_batches = info["epoch_batches"]
-            self.resumed_step = checkpoint["global_step"]
-            self.best_wer, self.best_step, self.bad_evals = (
-                info["best"]["best_wer"],
-                info["best"]["best_step"],
-                info["best"]["bad_evals"],
-            )
+            self.best_wer, self.bad_evals = info["best"]["best_wer"], info["best"]["bad_evals"]
 
         def state(self) -> dict[str, Any]:
-            return {"best_wer": self.best_wer, "best_step": self.best_step, "bad_evals": self.bad_evals}
+            return {"best_wer": self.best_wer, "bad_evals": self.bad_evals}
 
         # --- resume. The data position is restored when the loader is built (ResumableDataModule): Lightning
         # draws the first batch before any hook runs. RNG is restored here, after NeMo reseeded it while building
@@ -329,14 +323,15 @@ def _callbacks(
                 shutil.rmtree(old, ignore_errors=True)
 
         def validate(self, trainer, pl_module, step: int) -> None:
+            from stages.inference import transcribe
             from stages.scoring import score
 
-            hyps = transcribe_rows(pl_module, val_rows, base, p.train.batch_size)
+            hyps = transcribe(pl_module, [base / r["audio_filepath"] for r in val_rows], p.train.batch_size)
             wer = score([r["text"] for r in val_rows], hyps)["wer"]
             pl_module.log("val_wer", wer)
             log.info("step %d: val WER %.4f on %d utterances", step, wer, len(val_rows))
             if self.best_wer is None or wer < self.best_wer - p.train.early_stop_delta:
-                self.best_wer, self.best_step, self.bad_evals = wer, step, 0
+                self.best_wer, self.bad_evals = wer, 0
                 from safetensors.torch import save_file
 
                 with atomic_dir(run_dir / "best") as tmp:
@@ -353,15 +348,6 @@ def _callbacks(
             torch.set_grad_enabled(True)
 
     return MedasrTraining()
-
-
-def transcribe_rows(
-    model: Any, rows: list[dict[str, Any]], base: Path, batch_size: int, max_new_tokens: int = 128
-) -> list[str]:
-    """Greedy transcripts of manifest rows (audio paths relative to `base`), batched."""
-    from stages.inference import transcribe
-
-    return transcribe(model, [base / r["audio_filepath"] for r in rows], batch_size)
 
 
 def restore_from_mirror(mirror: Mirror, run_dir: Path, fp: str) -> Checkpoint | None:
@@ -500,8 +486,9 @@ def run(
     if resume is None:
         if run_dir.exists():
             shutil.rmtree(run_dir)  # nothing usable in it (all corrupt or incomplete)
-        resume, source = (restore_from_mirror(mirror, run_dir, fp), "remote") if mirror else (None, "none")
-    source = source if resume else "none"
+        resume, source = (restore_from_mirror(mirror, run_dir, fp) if mirror else None), "remote"
+    if resume is None:
+        source = "none"
     log.info("fingerprint %s: %s", fp, f"resuming from step {resume.step} ({source})" if resume else "starting fresh")
     run_dir.mkdir(parents=True, exist_ok=True)
     uploader = Uploader(mirror, p.train.keep_checkpoints) if mirror else None
