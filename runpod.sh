@@ -9,7 +9,8 @@
 # It never exits into RunPod's container-restart loop: on success it stops the pod, sleeps, or (--once) exits 0.
 #
 # Settings (environment or .env): MEDASR_WORKDIR (default /workspace: venv, caches, logs, local DVC remote),
-# MEDASR_ALLOW_CPU=1, MEDASR_MIN_FREE_GB (20), MEDASR_MAX_FAST_FAILURES (5), MEDASR_FAST_FAILURE_S (300),
+# MEDASR_VENV (default $MEDASR_WORKDIR/venv), MEDASR_RUN_ID (names the status `medasr pod watch` reads; default
+# "default"), MEDASR_STATUS_EVERY_S (60), MEDASR_ALLOW_CPU=1, MEDASR_MIN_FREE_GB (20), MEDASR_MAX_FAST_FAILURES (5), MEDASR_FAST_FAILURE_S (300),
 # MEDASR_BACKOFF_BASE_S (10), MEDASR_BACKOFF_MAX_S (600), MEDASR_HUNG_AFTER_S (1800), MEDASR_ON_SUCCESS
 # (stop|sleep, default stop on a pod), MEDASR_GIT_PUSH=1 (commit + push dvc.lock when git credentials exist),
 # MEDASR_CHILD (replace the pipeline command; for tests).
@@ -34,7 +35,9 @@ BACKOFF_BASE_S=${MEDASR_BACKOFF_BASE_S:-10}
 BACKOFF_MAX_S=${MEDASR_BACKOFF_MAX_S:-600}
 HUNG_AFTER_S=${MEDASR_HUNG_AFTER_S:-1800}
 ON_SUCCESS=${MEDASR_ON_SUCCESS:-stop}
-export MEDASR_WORKDIR=$WORKDIR
+STATUS_EVERY_S=${MEDASR_STATUS_EVERY_S:-60}
+VENV=${MEDASR_VENV:-$WORKDIR/venv}
+export MEDASR_WORKDIR=$WORKDIR MEDASR_RUN_ID=${MEDASR_RUN_ID:-default}
 # caches on the persistent volume, so a new pod does not download everything again
 export PIP_CACHE_DIR=$WORKDIR/cache/pip HF_HOME=$WORKDIR/cache/hf NEMO_CACHE_DIR=$WORKDIR/cache/nemo
 export DVC_CACHE_DIR=$WORKDIR/cache/dvc
@@ -42,12 +45,30 @@ export WANDB_MODE=${WANDB_MODE:-$([[ -n "${WANDB_API_KEY:-}" ]] && echo online |
 
 mkdir -p "$LOGS" 2>/dev/null
 log() { printf '[runpod.sh %s] %s\n' "$(date -u +%FT%TZ)" "$*" | tee -a "$LOGS/runpod.log" >&2; }
-heartbeat() { printf '%s %s\n' "$(date -u +%s)" "$1" > "$LOGS/heartbeat"; }
+# The heartbeat is JSON: `medasr pod watch` reads it (from the DVC remote) on the user's machine.
+heartbeat() {
+  local detail=${2:-}; detail=${detail//[\"\\]/\'}
+  printf '{"time": %s, "state": "%s", "detail": "%s", "pod": "%s", "run": "%s"}\n' "$(date -u +%s)" "$1" "$detail" \
+    "${RUNPOD_POD_ID:-}" "$MEDASR_RUN_ID" > "$LOGS/heartbeat.tmp" && mv "$LOGS/heartbeat.tmp" "$LOGS/heartbeat"
+}
+PUBLISH=0 PUBLISHER=0 PUBLISHED_AT=-1000000
+publish_status() {  # copy heartbeat + log tail to the DVC remote; in the background unless $1 == wait
+  (( PUBLISH )) || return 0
+  if [[ ${1:-} == wait ]]; then
+    timeout 120 medasr remote publish-status --logs "$LOGS" >>"$LOGS/runpod.log" 2>&1
+  elif ! kill -0 "$PUBLISHER" 2>/dev/null; then
+    medasr remote publish-status --logs "$LOGS" >>"$LOGS/runpod.log" 2>&1 &
+    PUBLISHER=$!
+  fi
+  PUBLISHED_AT=$SECONDS
+}
 
 install() {
-  # The venv lives in the repo (make install is idempotent: a stamp file makes a second run a no-op).
-  make install >>"$LOGS/install.log" 2>&1 || { log "install failed: see $LOGS/install.log"; return 1; }
-  export PATH="$REPO/.venv/bin:$PATH"
+  # The venv lives on the volume, so a new pod skips the install (a stamp file makes `make install` a no-op).
+  heartbeat installing
+  make install VENV="$VENV" >>"$LOGS/install.log" 2>&1 || { log "install failed: see $LOGS/install.log"; return 1; }
+  export PATH="$VENV/bin:$PATH"
+  PUBLISH=1
 }
 
 preflight() {
@@ -65,14 +86,30 @@ preflight() {
       log "problem: only ${free_gb} GiB free in $WORKDIR (need ${MEDASR_MIN_FREE_GB:-20})"; problems=1
     fi
   fi
-  if ! medasr remote setup >>"$LOGS/runpod.log" 2>&1; then
-    log "problem: could not configure the DVC remote (see $LOGS/runpod.log)"; problems=1
-  elif ! python -c 'import sys; from stages.remote import check_remote; sys.exit(check_remote())' \
-      >>"$LOGS/runpod.log" 2>&1; then
-    log "problem: the DVC remote is not reachable with the given credentials (see $LOGS/runpod.log)"; problems=1
+  local wandb_problem
+  if ! wandb_problem=$(medasr wandb check 2>&1 >/dev/null); then
+    if [[ $MODE == check ]]; then
+      log "problem: $wandb_problem"; problems=1
+    else  # never idle a GPU over logging: the run is kept offline and can be synced later
+      log "warning: $wandb_problem; training with WANDB_MODE=offline (upload later with \`wandb sync\`)"
+      export WANDB_MODE=offline
+    fi
   fi
   log "W&B mode: $WANDB_MODE"
+  if ! medasr remote setup >>"$LOGS/runpod.log" 2>&1; then
+    log "problem: could not configure the DVC remote (see $LOGS/runpod.log)"; problems=1
+  elif [[ $MODE == check ]] && ! remote_ready; then
+    problems=1
+  fi
   return $problems
+}
+
+REMOTE_RC=0
+remote_ready() {  # one line either way; REMOTE_RC: 0 reachable, 1 unreachable (retry), 2 refused (give up)
+  local line
+  line=$(medasr remote check 2>&1 | tail -n 1); REMOTE_RC=$?   # pipefail: medasr's exit code
+  (( REMOTE_RC == 0 )) || log "problem: $line"
+  return $REMOTE_RC
 }
 
 clear_stale_locks() {
@@ -123,7 +160,8 @@ run_child() {
   fi
   CHILD=$!
   while kill -0 "$CHILD" 2>/dev/null; do
-    heartbeat "running pid=$CHILD"
+    heartbeat running "attempt $attempt"
+    (( SECONDS - PUBLISHED_AT >= STATUS_EVERY_S )) && publish_status
     local now_size
     now_size=$(stat -c %s "$log_file" 2>/dev/null || echo 0)
     if (( now_size != size )); then size=$now_size; last_growth=$SECONDS; fi
@@ -138,27 +176,33 @@ run_child() {
   return $rc
 }
 
-on_success() {
-  heartbeat "done"
-  log "pipeline finished"
-  dvc metrics show 2>&1 | tee -a "$LOGS/runpod.log" >&2 || true
-  if [[ "${MEDASR_GIT_PUSH:-0}" == 1 ]] && git remote get-url origin >/dev/null 2>&1; then
-    git add dvc.lock && git commit -qm "runpod: pipeline results $(date -u +%FT%TZ)" && git push -q \
-      || log "could not commit/push dvc.lock (git credentials?)"
-  fi
-  [[ $MODE == once ]] && exit 0
-  if [[ $ON_SUCCESS == stop && -n "${RUNPOD_POD_ID:-}" ]] && command -v runpodctl >/dev/null; then
-    log "stopping pod $RUNPOD_POD_ID"
+stop_pod_or_sleep() {
+  if [[ $1 == stop && -n "${RUNPOD_POD_ID:-}" ]] && command -v runpodctl >/dev/null; then
+    log "stopping pod $RUNPOD_POD_ID (the volume, logs and remote keep everything)"
     runpodctl stop pod "$RUNPOD_POD_ID"
   fi
   exec sleep infinity   # never exit: RunPod would restart the container and loop
 }
 
-give_up() {
-  heartbeat "gave up"
+on_success() {
+  heartbeat done
+  log "pipeline finished"
+  dvc metrics show 2>&1 | tee -a "$LOGS/runpod.log" >&2 || true
+  publish_status wait
+  if [[ "${MEDASR_GIT_PUSH:-0}" == 1 ]] && git remote get-url origin >/dev/null 2>&1; then
+    git add dvc.lock && git commit -qm "runpod: pipeline results $(date -u +%FT%TZ)" && git push -q \
+      || log "could not commit/push dvc.lock (git credentials?)"
+  fi
+  [[ $MODE == once ]] && exit 0
+  stop_pod_or_sleep "$ON_SUCCESS"
+}
+
+give_up() {  # a problem retrying cannot fix: say why, then stop paying for the GPU
+  heartbeat "gave up" "$1"
   log "giving up: $1"
-  [[ $MODE == once ]] && exit 1
-  exec sleep infinity
+  publish_status wait
+  [[ $MODE != loop ]] && exit 1
+  stop_pod_or_sleep stop
 }
 
 if [[ -z "${MEDASR_CHILD:-}" ]] || [[ $MODE == check ]]; then
@@ -177,25 +221,32 @@ while :; do
   clear_stale_locks
   started=$SECONDS
   log "attempt $attempt"
-  run_child
-  rc=$?
+  if (( PUBLISH )) && ! remote_ready; then
+    (( REMOTE_RC == 2 )) && give_up "the DVC remote refused access or is not configured (see the problem line above)"
+    rc=1 what="DVC remote unreachable"   # back off and retry like any failed attempt
+  else
+    run_child
+    rc=$? what="pipeline failed (exit $rc)"
+  fi
   if [[ -n $STOPPING ]]; then
-    heartbeat "stopped"
+    heartbeat stopped "SIG$STOPPING"
+    publish_status wait
     log "stopped by SIG$STOPPING (pipeline exit code $rc)"
     exit $((128 + $([[ $STOPPING == TERM ]] && echo 15 || echo 2)))
   fi
   (( rc == 0 )) && on_success
   if (( SECONDS - started < FAST_FAILURE_S )); then fast_failures=$((fast_failures + 1)); else fast_failures=1; fi
-  log "pipeline failed (exit $rc, attempt $attempt, $fast_failures fast failure(s) in a row); last lines:"
-  tail -n 5 "$LOGS/pipeline.log" | sed 's/^/    /' >&2
+  log "$what (attempt $attempt, $fast_failures fast failure(s) in a row)"
+  [[ $what == pipeline* ]] && tail -n 5 "$LOGS/pipeline.log" 2>/dev/null | sed 's/^/    /' >&2
   if (( fast_failures >= MAX_FAST_FAILURES )); then
-    give_up "$fast_failures fast failures in a row: fix the cause (see $LOGS/pipeline.log) instead of retrying"
+    give_up "$fast_failures fast failures in a row ($what): fix the cause (see $LOGS) instead of retrying"
   fi
   cap=$(( BACKOFF_BASE_S * (1 << (fast_failures > 10 ? 10 : fast_failures)) ))
   (( cap > BACKOFF_MAX_S )) && cap=$BACKOFF_MAX_S
   delay=$(( cap > 0 ? RANDOM % (cap + 1) : 0 ))   # full jitter
   log "retrying in ${delay}s"
-  heartbeat "backoff ${delay}s"
+  heartbeat backoff "${delay}s after attempt $attempt"
+  publish_status
   sleep "$delay" & wait $!
   if [[ -n $STOPPING ]]; then log "stopped by SIG$STOPPING during backoff"; exit $((128 + $([[ $STOPPING == TERM ]] && echo 15 || echo 2))); fi
 done

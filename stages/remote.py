@@ -64,23 +64,30 @@ class Mirror:
         return run_dir / name
 
 
-def open_mirror(fingerprint: str, repo_root: Path | str = ".") -> Mirror | None:
-    """The mirror on the repo's default DVC remote, or None (with a log line) when there is none."""
+def default_remote(repo_root: Path | str = ".") -> Any:
+    """The repo's default DVC remote (a dvc-data Remote: `.fs`, `.path`, `.name`), or None when there is none."""
     from dvc.config import NoRemoteError
     from dvc.repo import Repo
 
+    repo = Repo(str(repo_root))
     try:
-        repo = Repo(str(repo_root))
-    except Exception as exc:  # not a DVC repo (e.g. a test's scratch folder): nothing to mirror to
-        log.info("no DVC repo here (%s): checkpoints stay local", type(exc).__name__)
-        return None
-    try:
-        remote = repo.cloud.get_remote()
+        return repo.cloud.get_remote()
     except NoRemoteError:
-        log.info("no default DVC remote: checkpoints stay local (`dvc remote add -d ...` to mirror them)")
         return None
     finally:
         repo.close()
+
+
+def open_mirror(fingerprint: str, repo_root: Path | str = ".") -> Mirror | None:
+    """The mirror on the repo's default DVC remote, or None (with a log line) when there is none."""
+    try:
+        remote = default_remote(repo_root)
+    except Exception as exc:  # not a DVC repo (e.g. a test's scratch folder): nothing to mirror to
+        log.info("no DVC repo here (%s): checkpoints stay local", type(exc).__name__)
+        return None
+    if remote is None:
+        log.info("no default DVC remote: checkpoints stay local (`dvc remote add -d ...` to mirror them)")
+        return None
     root = remote.fs.join(remote.path, PREFIX, fingerprint)
     log.info("mirroring checkpoints to DVC remote %r", remote.name)
     return Mirror(remote.fs, root, remote.name)
@@ -181,28 +188,74 @@ def setup_default_remote(repo_root: Path = Path("."), environ: dict[str, str] | 
     return f"default remote 'medasr-local' -> {store} (set MEDASR_S3_URL for S3)"
 
 
-def check_remote(repo_root: Path | str = ".") -> int:
-    """Preflight: 0 when the default DVC remote answers a real listing with the given credentials, else 1 (one
-    line saying why, naming the remote, never a credential). `dvc status -c` is no health check: it can report
-    "in sync" for a remote it cannot reach."""
-    from dvc.config import NoRemoteError
-    from dvc.repo import Repo
+REMOTE_OK, REMOTE_UNREACHABLE, REMOTE_REJECTED = 0, 1, 2
 
-    repo = Repo(str(repo_root))
+
+def check_remote(repo_root: Path | str = ".") -> tuple[int, str]:
+    """Preflight: a real listing of the default DVC remote with the given credentials. Returns a code and one line
+    naming the remote (never a credential): REMOTE_OK; REMOTE_UNREACHABLE (network, server down: worth retrying);
+    REMOTE_REJECTED (credentials refused, bucket missing, no remote: retrying cannot help).
+    `dvc status -c` is no health check: it can report "in sync" for a remote it cannot reach."""
+    remote = default_remote(repo_root)
+    if remote is None:
+        return REMOTE_REJECTED, "no default DVC remote: run `medasr remote setup`"
+    fs, path = remote.fs, remote.path
     try:
-        remote = repo.cloud.get_remote()
-    except NoRemoteError:
-        print("no default DVC remote: run `medasr remote setup`")
-        return 1
-    finally:
-        repo.close()
-    try:
-        if remote.fs.exists(remote.path):
-            remote.fs.ls(remote.path, detail=False)
-        else:
-            remote.fs.ls(remote.fs.parent(remote.path) or remote.path, detail=False)
+        fs.ls(path if fs.exists(path) else (fs.parent(path) or path), detail=False)
+    except (PermissionError, FileNotFoundError) as exc:  # s3fs maps AccessDenied/InvalidAccessKeyId/NoSuchBucket
+        return REMOTE_REJECTED, f"DVC remote {remote.name!r} refused access: {_one_line(exc)}"
     except Exception as exc:
-        print(f"DVC remote {remote.name!r} unreachable: {_one_line(exc)}")
-        return 1
-    print(f"DVC remote {remote.name!r} reachable")
-    return 0
+        return REMOTE_UNREACHABLE, f"DVC remote {remote.name!r} unreachable: {_one_line(exc)}"
+    return REMOTE_OK, f"DVC remote {remote.name!r} reachable"
+
+
+# --- run status, published by runpod.sh for `medasr pod watch` on another machine -------------------------------
+STATUS_PREFIX = "medasr-status"
+STATUS_FILE = "status.json"
+LOG_TAIL_FILE = "log-tail.txt"
+
+
+def _status_root(remote: Any, run_id: str) -> str:
+    return str(remote.fs.join(remote.path, STATUS_PREFIX, run_id))
+
+
+def publish_status(
+    heartbeat: Path, logs: list[Path], run_id: str, repo_root: Path | str = ".", lines: int = 200
+) -> None:
+    """Upload the loop's heartbeat (JSON) and the tail of its logs to `<remote>/medasr-status/<run_id>/`."""
+    import tempfile
+
+    remote = default_remote(repo_root)
+    if remote is None:
+        raise RuntimeError("no default DVC remote to publish the run status to")
+    root = _status_root(remote, run_id)
+    remote.fs.makedirs(root, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tail = Path(tmp) / LOG_TAIL_FILE
+        chunks = []
+        for path in logs:
+            if path.is_file():
+                text = path.read_text(errors="replace").splitlines()[-lines:]
+                chunks.append(f"==> {path.name} <==\n" + "\n".join(text) + "\n")
+        tail.write_text("".join(chunks))
+        remote.fs.put_file(str(tail), remote.fs.join(root, LOG_TAIL_FILE))
+        remote.fs.put_file(str(heartbeat), remote.fs.join(root, STATUS_FILE))
+
+
+def read_status(run_id: str, repo_root: Path | str = ".") -> tuple[dict[str, Any] | None, str]:
+    """The last status and log tail runpod.sh published for `run_id` ({} and "" before the first)."""
+    import json
+
+    remote = default_remote(repo_root)
+    if remote is None:
+        raise RuntimeError("no default DVC remote: run `medasr remote setup` (with the pod's MEDASR_S3_URL)")
+    root = _status_root(remote, run_id)
+    try:
+        status = json.loads(remote.fs.cat_file(remote.fs.join(root, STATUS_FILE)))
+    except FileNotFoundError:
+        return None, ""
+    try:
+        tail = remote.fs.cat_file(remote.fs.join(root, LOG_TAIL_FILE)).decode(errors="replace")
+    except FileNotFoundError:
+        tail = ""
+    return status, tail

@@ -41,7 +41,7 @@ def truncate_history(live_dir: Path, step: int) -> None:
 
 def wandb_info(run_dir: Path, p: Params, fp: str) -> dict[str, Any] | None:
     """The W&B run this training writes to (id stable across resumes), or None when W&B is disabled."""
-    mode = os.environ.get("WANDB_MODE", "online" if os.environ.get("WANDB_API_KEY") else "offline")
+    mode = wandb_mode()
     if mode == "disabled":
         return None
     id_file = run_dir / WANDB_ID_FILE
@@ -53,6 +53,29 @@ def wandb_info(run_dir: Path, p: Params, fp: str) -> dict[str, Any] | None:
         "name": f"lora-r{p.lora.rank}-{fp[:8]}",
         "offline": mode != "online",
     }
+
+
+def wandb_mode() -> str:
+    return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+
+
+def verify_wandb(timeout_s: int = 20) -> str | None:
+    """None when W&B is usable as configured (offline/disabled, or online with a key the server accepts), else one
+    line saying why not. The key is sent only to W&B (or WANDB_BASE_URL) and never appears in the message."""
+    mode = wandb_mode()
+    if mode != "online":
+        return None
+    key = os.environ.get("WANDB_API_KEY", "")
+    if not key:
+        return "WANDB_MODE=online but WANDB_API_KEY is not set"
+    import wandb
+
+    try:
+        wandb.Api(api_key=key, timeout=timeout_s).viewer  # noqa: B018  (the property makes the authenticated call)
+    except Exception as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"W&B rejected or could not check WANDB_API_KEY: {detail.replace(key, '<redacted>')[:300]}"
+    return None
 
 
 def loggers(p: Params, run_dir: Path, fp: str, resumed_step: int | None) -> tuple[list[Any], dict[str, Any] | None]:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import DEMO_DATA, REPO
+from helpers import DEMO_DATA, REPO, S3Server, free_port
 
 
 @pytest.fixture
@@ -36,3 +36,12 @@ def demo_manifests(tmp_path_factory) -> Path:
     )
     manifest.run(ManifestParams(text_normalization="unicode"), root / "raw", root / "subset", root / "manifests")
     return root / "manifests"
+
+
+@pytest.fixture
+def s3():
+    """A real S3-compatible server (moto) on 127.0.0.1, with an empty bucket, stopped after the test."""
+    server = S3Server(free_port())
+    server.start()
+    yield server
+    server.stop()

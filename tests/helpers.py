@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,84 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "data" / "sources" / "demo"
 VENV_BIN = Path(sys.executable).parent
 SESSION_WORKDIR = tempfile.mkdtemp(prefix="medasr-tests-workdir-")
+
+
+BUCKET = "medasr-test"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    """moto's S3 server on loopback. In-memory: a restart loses every object (and the bucket, re-created here)."""
+
+    def __init__(self, port: int) -> None:
+        self.port, self.proc = port, None
+        self.endpoint = f"http://127.0.0.1:{port}"
+
+    def start(self, auth: bool = False) -> dict[str, str] | None:
+        """Start serving. With auth, every request after setup must be signed by the IAM user created here (moto's
+        auth mode); returns that user's credentials."""
+        moto = Path(sys.executable).parent / "moto_server"
+        env = dict(os.environ) | ({"INITIAL_NO_AUTH_ACTION_COUNT": "4"} if auth else {})
+        self.proc = subprocess.Popen(
+            [str(moto), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                break
+            except OSError:
+                assert time.time() < deadline, "moto server did not start"
+                time.sleep(0.1)
+        self.client().create_bucket(Bucket=BUCKET)  # action 1 of the 4 moto lets through unsigned in auth mode
+        if not auth:
+            return None
+        iam = self.client("iam")
+        iam.create_user(UserName="pod")
+        iam.put_user_policy(
+            UserName="pod",
+            PolicyName="all-s3",
+            PolicyDocument=json.dumps(
+                {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+            ),
+        )
+        key = iam.create_access_key(UserName="pod")["AccessKey"]
+        return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def client(self, service: str = "s3"):
+        import boto3
+
+        return boto3.client(
+            service,
+            endpoint_url=self.endpoint,
+            **{k.lower(): v for k, v in CREDENTIALS.items() if k != "AWS_DEFAULT_REGION"},
+            region_name="us-east-1",
+        )
+
+    def keys(self) -> list[str]:
+        try:
+            return [o["Key"] for o in self.client().list_objects_v2(Bucket=BUCKET).get("Contents", [])]
+        except Exception:
+            return []
+
+    def complete_steps(self) -> list[int]:
+        # only a checkpoint's top-level meta.json marks it complete (best/meta.json inside it is data)
+        return sorted(int(m.group(1)) for k in self.keys() if (m := re.search(r"/step-(\d{8})/meta\.json$", k)))
 
 
 def tone(seconds: float, rate: int = 16_000, channels: int = 1, freq: float = 440.0) -> np.ndarray:

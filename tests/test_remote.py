@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,75 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import run_env, tiny_params
+from helpers import BUCKET, CREDENTIALS, S3Server, run_env, tiny_params
 
 pytestmark = pytest.mark.e2e
-
-BUCKET = "medasr-test"
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class S3Server:
-    """moto's S3 server on loopback. In-memory: a restart loses every object (and the bucket, re-created here)."""
-
-    def __init__(self, port: int) -> None:
-        self.port, self.proc = port, None
-        self.endpoint = f"http://127.0.0.1:{port}"
-
-    def start(self) -> None:
-        moto = Path(sys.executable).parent / "moto_server"
-        self.proc = subprocess.Popen(
-            [str(moto), "-H", "127.0.0.1", "-p", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                break
-            except OSError:
-                assert time.time() < deadline, "moto server did not start"
-                time.sleep(0.1)
-        self.client().create_bucket(Bucket=BUCKET)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.proc = None
-
-    def client(self):
-        import boto3
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            **{k.lower(): v for k, v in CREDENTIALS.items() if k != "AWS_DEFAULT_REGION"},
-            region_name="us-east-1",
-        )
-
-    def keys(self) -> list[str]:
-        try:
-            return [o["Key"] for o in self.client().list_objects_v2(Bucket=BUCKET).get("Contents", [])]
-        except Exception:
-            return []
-
-    def complete_steps(self) -> list[int]:
-        # only a checkpoint's top-level meta.json marks it complete (best/meta.json inside it is data)
-        return sorted(int(m.group(1)) for k in self.keys() if (m := re.search(r"/step-(\d{8})/meta\.json$", k)))
-
-
-@pytest.fixture
-def s3():
-    server = S3Server(free_port())
-    server.start()
-    yield server
-    server.stop()
 
 
 def workspace(root: Path, manifests: Path, p, s3: S3Server | None) -> Path:

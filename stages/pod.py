@@ -1,0 +1,355 @@
+"""`medasr pod up|status|logs|down|watch`: run the pipeline on a RunPod GPU pod, from your own machine.
+
+`up` creates a pod whose start command clones this repo onto the volume and runs `bash runpod.sh`; `watch` is the
+controller a pod cannot be for itself: it polls the pod and the heartbeat runpod.sh publishes to the DVC remote, and
+when the pod stopped, died or hung before the pipeline finished, it starts, restarts or recreates it (on the same
+network volume) with backoff, under a spending cap, until the metrics land.
+
+RunPod's REST API v2. Every request body is validated, before it is sent, against RunPod's published OpenAPI
+document kept in `stages/resources/runpod-openapi-v2.json` (source: github.com/runpod/docs,
+`api-reference-v2/openapi.json` at commit 098c7fb0, 2026-08-18, "Frontdoor v2.9.0"; copied 2026-11-21).
+Secrets travel only in the create request's `env` (that is how a pod gets them); they are never printed, logged or
+written to the state file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from stages import StageError
+from stages.files import write_json_atomic
+from stages.log import get_logger
+
+log = get_logger(__name__)
+
+API_URL = "https://api.runpod.io"  # MEDASR_RUNPOD_API_URL overrides it (the tests' fake server on 127.0.0.1)
+STATE_FILE = Path(".medasr/pod.json")  # git-ignored: which pod this checkout launched, and what it has cost
+# A100 40 GB or larger, cheapest first; ids as RunPod's v1 API enumerates them (GPUTypeId in its OpenAPI document)
+DEFAULT_GPUS = (
+    "NVIDIA A100-SXM4-40GB",
+    "NVIDIA A100 80GB PCIe",
+    "NVIDIA A100-SXM4-80GB",
+    "NVIDIA H100 PCIe",
+    "NVIDIA H100 80GB HBM3",
+)
+DEFAULT_IMAGE = "runpod/pytorch:1.0.2-cu1281-torch280-ubuntu2404"  # the image RunPod's v2 API docs use
+SECRET_ENV = ("WANDB_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN")
+# What the pod needs from this machine's environment (or .env): the remote, tracking and runpod.sh settings.
+FORWARDED_ENV = (
+    *SECRET_ENV,
+    "AWS_DEFAULT_REGION",
+    "MEDASR_S3_URL",
+    "MEDASR_S3_ENDPOINT_URL",
+    "WANDB_MODE",
+    "MEDASR_MAX_FAST_FAILURES",
+    "MEDASR_HUNG_AFTER_S",
+    "MEDASR_ON_SUCCESS",
+    "MEDASR_GIT_PUSH",
+)
+# The start command: the repo lives on the volume (a restarted pod continues the same checkout), then the loop.
+START_SCRIPT = (
+    'set -e; mkdir -p /workspace; cd /workspace; [ -d medasr/.git ] || { git clone -q "$MEDASR_REPO_URL" medasr; '
+    'git -C medasr checkout -q "$MEDASR_GIT_REF"; }; cd medasr; exec bash runpod.sh'
+)
+
+
+class PodError(StageError):
+    """A RunPod API call failed, or the pod cannot be managed as asked. The message never holds a secret."""
+
+
+# --- the published schema -----------------------------------------------------------------------------------------
+@cache
+def api_document() -> dict[str, Any]:
+    return json.loads((resources.files("stages.resources") / "runpod-openapi-v2.json").read_text())
+
+
+def schema_errors(instance: Any, schema_name: str) -> list[str]:
+    """Where `instance` breaks `components.schemas.<schema_name>` of RunPod's OpenAPI document (empty: valid)."""
+    from openapi_schema_validator import OAS31Validator
+
+    schema = {"$ref": f"#/components/schemas/{schema_name}", "components": api_document()["components"]}
+    return [
+        f"{'/'.join(map(str, e.absolute_path)) or '(body)'}: {e.message}"
+        for e in OAS31Validator(schema).iter_errors(instance)
+    ]
+
+
+# --- what to create -----------------------------------------------------------------------------------------------
+@dataclass
+class PodSpec:
+    """The pod's settings (no secrets): kept in the state file so `watch` can recreate the same pod."""
+
+    name: str
+    repo_url: str  # no credentials in it (see redact_url); a private repo needs a token-bearing URL in MEDASR_REPO_URL
+    git_ref: str
+    run_id: str
+    gpus: list[str] = field(default_factory=lambda: list(DEFAULT_GPUS))
+    gpu_count: int = 1
+    image: str = DEFAULT_IMAGE
+    disk_gb: int = 60
+    volume_id: str | None = None  # a network volume: survives the pod, so a recreated pod reuses venv and caches
+    volume_gb: int = 100  # host-local volume when there is no network volume
+    cloud: str = "SECURE"
+    data_centers: list[str] = field(default_factory=list)
+
+
+def redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.hostname or "")) if parts.username or parts.password else url
+
+
+def pod_env(spec: PodSpec, environ: dict[str, str]) -> dict[str, str]:
+    env = {k: environ[k] for k in FORWARDED_ENV if environ.get(k)}
+    env |= {
+        "MEDASR_REPO_URL": environ.get("MEDASR_REPO_URL") or spec.repo_url,
+        "MEDASR_GIT_REF": spec.git_ref,
+        "MEDASR_RUN_ID": spec.run_id,
+    }
+    return env
+
+
+def create_payload(spec: PodSpec, gpu: str, environ: dict[str, str]) -> dict[str, Any]:
+    """A CreatePodRequest body, validated against RunPod's schema (PodError listing every problem)."""
+    mounts: dict[str, Any] = (
+        {"network": [{"volumeId": spec.volume_id, "path": "/workspace"}]}
+        if spec.volume_id
+        else {"persistent": {"size": spec.volume_gb, "path": "/workspace"}}
+    )
+    body: dict[str, Any] = {
+        "name": spec.name,
+        "image": spec.image,
+        "gpu": {"id": gpu, "count": spec.gpu_count},
+        "disk": spec.disk_gb,
+        "cloud": spec.cloud,
+        "mounts": mounts,
+        "env": pod_env(spec, environ),
+        "args": f"bash -c '{START_SCRIPT}'",
+    }
+    if spec.data_centers:
+        body["dataCenterIds"] = spec.data_centers
+    if problems := schema_errors(body, "CreatePodRequest"):
+        raise PodError("the pod request does not match RunPod's API schema: " + "; ".join(problems))
+    return body
+
+
+def redacted(body: dict[str, Any]) -> dict[str, Any]:
+    """The request as it may be shown: secret values replaced, credentials stripped from URLs."""
+    env = dict(body.get("env", {}))
+    for key in env:
+        if key in SECRET_ENV:
+            env[key] = "<redacted>"
+        elif key == "MEDASR_REPO_URL":
+            env[key] = redact_url(env[key])
+    return body | {"env": env}
+
+
+# --- the API ----------------------------------------------------------------------------------------------------
+class RunPodAPI:
+    """RunPod's REST API v2: the pod calls this tool makes. Errors become one-line PodErrors without the key."""
+
+    def __init__(self, api_key: str, base_url: str | None = None, timeout_s: float = 30.0) -> None:
+        import httpx
+
+        if not api_key:
+            raise PodError("RUNPOD_API_KEY is not set (environment or .env)")
+        self.base_url = (base_url or os.environ.get("MEDASR_RUNPOD_API_URL") or API_URL).rstrip("/")
+        self.http = httpx.Client(
+            base_url=self.base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout_s
+        )
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        import httpx
+
+        try:
+            response = self.http.request(method, path, json=body, **kwargs)
+        except httpx.HTTPError as exc:
+            raise PodError(f"RunPod API unreachable ({self.base_url}): {type(exc).__name__}: {exc}") from None
+        if response.status_code == 404:
+            return None
+        if response.status_code >= 400:
+            try:
+                problem = response.json()
+                detail = f"{problem.get('title', '')}: {problem.get('detail', '')} {problem.get('errors') or ''}"
+            except ValueError:
+                detail = response.text[:300]
+            raise PodError(f"RunPod API {method} {path} -> {response.status_code} {detail.strip()}")
+        return response.json() if response.content else {}
+
+    def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self._call("POST", "/v2/pods", body)
+
+    def get(self, pod_id: str) -> dict[str, Any] | None:
+        """The pod, or None when RunPod no longer knows it (terminated)."""
+        return self._call("GET", f"/v2/pods/{pod_id}")
+
+    def action(self, pod_id: str, action: str) -> None:
+        body = {"action": action}
+        if problems := schema_errors(body, "PodActionRequest"):
+            raise PodError("; ".join(problems))
+        if self._call("POST", f"/v2/pods/{pod_id}/action", body) is None:
+            raise PodError(f"pod {pod_id} not found")
+
+    def logs(self, pod_id: str, tail: int, follow: bool, idle_s: float = 5.0) -> Iterator[str]:
+        """Log lines (Server-Sent Events). Without `follow`, stops once the backfill has gone quiet for `idle_s`."""
+        import httpx
+
+        timeout = httpx.Timeout(30.0, read=None if follow else idle_s)
+        try:
+            with self.http.stream("GET", f"/v2/pods/{pod_id}/logs", params={"tail": tail}, timeout=timeout) as r:
+                if r.status_code >= 400:
+                    raise PodError(f"RunPod API GET /v2/pods/{pod_id}/logs -> {r.status_code}")
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        yield json.loads(line[5:]).get("line", "")
+        except httpx.ReadTimeout:
+            return
+        except httpx.HTTPError as exc:
+            raise PodError(f"RunPod API unreachable ({self.base_url}): {type(exc).__name__}") from None
+
+
+def launch(api: RunPodAPI, spec: PodSpec, environ: dict[str, str]) -> dict[str, Any]:
+    """Create the pod on the first GPU type in `spec.gpus` that RunPod can place."""
+    failures = []
+    for gpu in spec.gpus:
+        body = create_payload(spec, gpu, environ)
+        try:
+            pod = api.create(body)
+        except PodError as exc:
+            if " -> 401" in str(exc) or " -> 403" in str(exc):
+                raise
+            failures.append(f"{gpu}: {exc}")
+            log.warning("could not create a pod on %s: %s", gpu, exc)
+            continue
+        log.info("created pod %s on %s", pod["id"], gpu)
+        return pod
+    raise PodError("no GPU type could be placed:\n  " + "\n  ".join(failures))
+
+
+# --- state kept on this machine -------------------------------------------------------------------------------------
+@dataclass
+class LaunchState:
+    pod_id: str
+    spec: PodSpec
+    spent_usd: float = 0.0
+    recoveries: int = 0
+
+    def save(self, path: Path = STATE_FILE) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: Path = STATE_FILE) -> LaunchState:
+        if not path.is_file():
+            raise PodError(f"no pod launched from this checkout ({path} missing): run `medasr pod up` first")
+        data = json.loads(path.read_text())
+        return cls(**(data | {"spec": PodSpec(**data["spec"])}))
+
+
+# --- the controller ------------------------------------------------------------------------------------------------
+def decide(pod: dict[str, Any] | None, beat: dict[str, Any] | None, now: float, stale_after_s: float) -> str:
+    """What the controller does about an unfinished run: wait, start (a stopped pod), restart (running, but its loop
+    has gone silent) or recreate (the pod is gone or broken). Pure, so each case is tested on its own."""
+    if pod is None or pod.get("status") in {"TERMINATED", "ERROR"}:
+        return "recreate"
+    status = pod.get("status")
+    if status == "EXITED":
+        return "start"
+    if status != "RUNNING":
+        return "wait"  # PROVISIONING, STARTING
+    started = _epoch(pod.get("startedAt")) or now
+    last_sign = max(started, float(beat["time"]) if beat and beat.get("pod") in ("", pod["id"]) else 0.0)
+    return "restart" if now - last_sign > stale_after_s else "wait"
+
+
+def _epoch(stamp: str | None) -> float | None:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() if stamp else None
+
+
+@dataclass
+class WatchSettings:
+    max_usd: float = 50.0
+    poll_s: float = 60.0
+    stale_after_s: float = 2700.0  # the loop publishes every minute; a fresh volume's install takes ~10 min
+    max_recoveries: int = 10
+    backoff_base_s: float = 30.0
+    backoff_max_s: float = 900.0
+
+
+def watch(
+    api: RunPodAPI,
+    state: LaunchState,
+    read_beat: Callable[[str], dict[str, Any] | None],
+    environ: dict[str, str],
+    settings: WatchSettings,
+    clock: Callable[[], float] = time.time,
+    sleep: Callable[[float], None] = time.sleep,
+    say: Callable[[str], None] = print,
+) -> int:
+    """Keep the run's pod alive until runpod.sh reports `done` (0), `gave up` (1), or the spending cap or the
+    recovery limit is reached (1; the pod is stopped). Spend is the pod's hourly cost over the time seen running."""
+    last_poll = clock()
+    not_before = 0.0  # backoff: no recovery action before this time
+    while True:
+        now = clock()
+        pod = api.get(state.pod_id)
+        if pod and pod.get("status") == "RUNNING":
+            state.spent_usd += float(pod.get("cost") or 0.0) * (now - last_poll) / 3600
+        last_poll = now
+        beat = read_beat(state.spec.run_id)
+        state.save()
+        running = bool(pod and pod.get("status") == "RUNNING")
+        if beat and beat.get("state") == "done":
+            if running:
+                api.action(state.pod_id, "stop")
+            say(f"pipeline finished; spent ~${state.spent_usd:.2f}. Results: `dvc pull` then `dvc metrics show`")
+            return 0
+        if beat and beat.get("state") == "gave up":
+            if running:
+                api.action(state.pod_id, "stop")
+            say(f"runpod.sh gave up: {beat.get('detail', '')} (logs: `medasr pod logs`); not restarting it")
+            return 1
+        if state.spent_usd >= settings.max_usd:
+            if running:
+                api.action(state.pod_id, "stop")
+            say(f"spending cap reached (~${state.spent_usd:.2f} of ${settings.max_usd:.2f}): pod stopped")
+            return 1
+        action = decide(pod, beat, now, settings.stale_after_s)
+        if action != "wait" and now >= not_before:
+            if state.recoveries >= settings.max_recoveries:
+                say(f"gave up after {state.recoveries} recoveries; the pod is left as it is")
+                return 1
+            state.recoveries += 1
+            say(f"pod {state.pod_id} is {pod.get('status') if pod else 'gone'}: {action} ({state.recoveries})")
+            _recover(api, state, action, environ, say)
+            state.save()
+            cap = min(settings.backoff_max_s, settings.backoff_base_s * 2**state.recoveries)
+            not_before = clock() + random.uniform(0, cap)  # full jitter
+        sleep(settings.poll_s)
+
+
+def _recover(api: RunPodAPI, state: LaunchState, action: str, environ: dict[str, str], say: Callable) -> None:
+    if action in ("start", "restart"):
+        try:
+            api.action(state.pod_id, action)
+            return
+        except PodError as exc:  # e.g. the stopped pod's machine has no free GPU now
+            say(f"could not {action} pod {state.pod_id} ({exc}); recreating it")
+    if api.get(state.pod_id) is not None:
+        try:
+            api.action(state.pod_id, "terminate")  # the network volume is kept; the pod's own disk is expendable
+        except PodError as exc:
+            say(f"could not terminate pod {state.pod_id}: {exc}")
+    pod = launch(api, state.spec, environ)
+    state.pod_id = pod["id"]
+    say(f"recreated as pod {state.pod_id}")
