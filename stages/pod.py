@@ -218,6 +218,11 @@ class RunPodAPI:
             raise PodError(f"RunPod API unreachable ({self.base_url}): {type(exc).__name__}") from None
 
 
+def _refused(exc: PodError) -> bool:
+    """The API key was refused: no retry can help."""
+    return " -> 401" in str(exc) or " -> 403" in str(exc)
+
+
 def launch(api: RunPodAPI, spec: PodSpec, environ: dict[str, str]) -> dict[str, Any]:
     """Create the pod on the first GPU type in `spec.gpus` that RunPod can place."""
     failures = []
@@ -226,7 +231,7 @@ def launch(api: RunPodAPI, spec: PodSpec, environ: dict[str, str]) -> dict[str, 
         try:
             pod = api.create(body)
         except PodError as exc:
-            if " -> 401" in str(exc) or " -> 403" in str(exc):
+            if _refused(exc):
                 raise
             failures.append(f"{gpu}: {exc}")
             log.warning("could not create a pod on %s: %s", gpu, exc)
@@ -302,7 +307,14 @@ def watch(
     not_before = 0.0  # backoff: no recovery action before this time
     while True:
         now = clock()
-        pod = api.get(state.pod_id)
+        try:
+            pod = api.get(state.pod_id)
+        except PodError as exc:  # RunPod's API briefly unreachable: keep watching; a refused key ends it
+            if _refused(exc):
+                raise
+            say(f"warning: {exc}")
+            sleep(settings.poll_s)
+            continue
         if pod and pod.get("status") == "RUNNING":
             state.spent_usd += float(pod.get("cost") or 0.0) * (now - last_poll) / 3600
         last_poll = now
@@ -331,7 +343,12 @@ def watch(
                 return 1
             state.recoveries += 1
             say(f"pod {state.pod_id} is {pod.get('status') if pod else 'gone'}: {action} ({state.recoveries})")
-            _recover(api, state, action, environ, say)
+            try:
+                _recover(api, state, action, environ, say)
+            except PodError as exc:  # e.g. no GPU type has capacity right now: try again after the backoff
+                if _refused(exc):
+                    raise
+                say(f"recovery failed: {exc}")
             state.save()
             cap = min(settings.backoff_max_s, settings.backoff_base_s * 2**state.recoveries)
             not_before = clock() + random.uniform(0, cap)  # full jitter

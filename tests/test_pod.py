@@ -217,3 +217,23 @@ def test_pod_commands_from_the_cli(tmp_path, fake):
     wrong = medasr(repo, "status", **(api_env | {"RUNPOD_API_KEY": "rpa_wrong_key"}))
     assert wrong.returncode == 1 and "401 Unauthorized" in wrong.stderr and "rpa_wrong_key" not in wrong.stderr
     assert "Traceback" not in wrong.stderr
+
+
+def test_watch_keeps_trying_when_no_gpu_can_be_placed_for_a_while(fake, dvc_repo):
+    api = RunPodAPI(KEY, base_url=fake.url)
+    pod = api.create(create_payload(spec(), "NVIDIA H100 PCIe", ENV))["id"]
+    fake.set_status(pod, "TERMINATED")  # the pod is gone
+    fake.unavailable_gpus = set(spec().gpus)  # and no GPU type has capacity
+
+    def capacity_back():
+        fake.unavailable_gpus = set()
+
+    scenario = Scenario([capacity_back, lambda: None, lambda: beat(dvc_repo, "done", "x")])
+    said: list[str] = []
+    state = LaunchState(pod, spec())
+    read = lambda run_id: read_status(run_id, dvc_repo)[0]  # noqa: E731
+    settings = WatchSettings(backoff_base_s=0)
+    code = watch(api, state, read, ENV, settings, scenario.clock, scenario.sleep, said.append)
+    assert code == 0, said
+    assert any("recovery failed: no GPU type could be placed" in line for line in said)
+    assert state.pod_id != pod and state.recoveries == 2
