@@ -23,7 +23,7 @@ from stages.files import atomic_dir, jsonl, read_jsonl
 from stages.log import get_logger
 from stages.params import ManifestParams
 from stages.subset import SPLITS
-from stages.text import clean_text
+from stages.text import training_text
 
 log = get_logger(__name__)
 
@@ -31,11 +31,6 @@ RAW_DIR = Path("data/raw")
 SUBSET_DIR = Path("data/subset")
 MANIFEST_DIR = Path("data/manifests")
 AUDIO_SUBDIR = "audio"
-
-
-def training_text(text: str, mode: str) -> str:
-    """The training target. 'unicode' (default) keeps casing and punctuation, which canary-qwen emits."""
-    return clean_text(text) if mode == "unicode" else text
 
 
 def audio_name(row_id: str) -> str:
@@ -73,7 +68,7 @@ def build_split(rows: list[dict[str, Any]], raw_dir: Path, out_dir: Path, p: Man
             {
                 "audio_filepath": relative,
                 "duration": round(len(samples) / TARGET_SAMPLE_RATE, 6),
-                "text": training_text(r["text"], p.text_normalization),
+                "text": training_text(r["text"], p.text_normalization, p.annotation_tags, p.all_caps),
                 "id": r["id"],
             }
         )

@@ -77,6 +77,12 @@ class ManifestParams(_Block):
         description="training targets: 'unicode' = NFC + collapsed whitespace (casing and punctuation kept, as the "
         "model emits them); 'none' = verbatim"
     )
+    annotation_tags: Literal["strip", "keep"] = Field(
+        description="'strip': drop transcribers' markup (<INAUDIBLE>, [laughter]); <UNSURE>..</UNSURE> keeps its words"
+    )
+    all_caps: Literal["sentence_case", "keep"] = Field(
+        description="'sentence_case': an all-caps transcript becomes sentence case, so the model keeps its casing"
+    )
 
 
 class ModelParams(_Block):

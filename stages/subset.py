@@ -25,7 +25,7 @@ from stages.audio import AudioDecodeError, decode
 from stages.files import atomic_dir, jsonl, write_json_atomic
 from stages.log import get_logger
 from stages.params import SubsetParams
-from stages.text import clean_text
+from stages.text import clean_text, strip_tags
 
 log = get_logger(__name__)
 
@@ -94,7 +94,7 @@ def screen(raw_dir: Path, p: SubsetParams) -> tuple[list[Candidate], list[dict[s
             def drop(reason: str, detail: str = "", row_id: str | None = None, where: dict = where) -> None:
                 dropped.append({**where, "id": row_id, "reason": reason, "detail": detail})
 
-            text = clean_text(row["text"])
+            text = strip_tags(clean_text(row["text"]))  # markup alone (<INAUDIBLE>) is no transcript
             audio_bytes = row["audio"]
             if not text:
                 drop("empty_text", row_id=row["source_id"])

@@ -34,7 +34,8 @@ def demo_manifests(tmp_path_factory) -> Path:
         out_dir=root / "subset",
         metrics_file=root / "data.json",
     )
-    manifest.run(ManifestParams(text_normalization="unicode"), root / "raw", root / "subset", root / "manifests")
+    style = ManifestParams(text_normalization="unicode", annotation_tags="strip", all_caps="sentence_case")
+    manifest.run(style, root / "raw", root / "subset", root / "manifests")
     return root / "manifests"
 
 

@@ -20,12 +20,13 @@ from stages.text import clean_text
 SUBSET = SubsetParams(seed=3, train_size=100, val_size=25, min_duration=0.1, max_duration=10.0)
 
 
-def build(root: Path, rows: list[dict], normalization: str = "unicode") -> Path:
+def build(root: Path, rows: list[dict], normalization: str = "unicode", tags: str = "strip", caps: str = "keep"):
     """fetch output -> subset -> manifest, all under `root`; returns the manifest folder."""
     (root / "raw").mkdir(parents=True)
     write_shards(iter(rows), root / "raw")
     subset.run(SUBSET, raw_dir=root / "raw", out_dir=root / "subset", metrics_file=root / "data.json")
-    manifest.run(ManifestParams(text_normalization=normalization), root / "raw", root / "subset", root / "manifests")
+    p = ManifestParams(text_normalization=normalization, annotation_tags=tags, all_caps=caps)
+    manifest.run(p, root / "raw", root / "subset", root / "manifests")
     return root / "manifests"
 
 
@@ -76,9 +77,22 @@ def test_rebuilding_from_scratch_is_byte_identical(tmp_path):
     [("unicode", "Patient given 5 mg of Caf\u00e9ine."), ("none", "Patient  given 5\u00a0mg  of  Cafe\u0301ine.")],
 )
 def test_training_text_normalisation_param(tmp_path, mode, expected):
-    out = build(tmp_path, MIXED, normalization=mode)
+    out = build(tmp_path, MIXED, normalization=mode, tags="keep")
     texts = {r["id"]: r["text"] for s in ("train", "val") for r in read_jsonl(out / f"{s}.json")}
     assert expected in texts.values()
+
+
+def test_osce_style_references_are_cleaned_and_markup_only_rows_dropped(tmp_path):
+    rows = [
+        *MIXED,
+        raw_row(30, wav(1.0, freq=300.0), "I HAVE HAD <UNSURE>CHEST</UNSURE> PAIN <INAUDIBLE> SINCE MONDAY. IS IT BAD"),
+        raw_row(31, wav(1.0, freq=310.0), "<INAUDIBLE_SPEECH/>"),  # nothing but markup: no transcript
+    ]
+    out = build(tmp_path, rows, caps="sentence_case")
+    texts = [r["text"] for s in ("train", "val") for r in read_jsonl(out / f"{s}.json")]
+    assert "I have had chest pain since monday. Is it bad" in texts
+    assert "CD-rate stereo." in texts  # mixed-case text keeps its casing
+    assert json.loads((tmp_path / "data.json").read_text())["dropped"]["empty_text"] == 1
 
 
 def test_audio_names_are_safe_and_unique():
