@@ -4,6 +4,10 @@ Reads `fetch.*` from params.yaml. The source kind is inferred from `fetch.datase
   - a local `.parquet` file, or a folder of them (audio as the `datasets` Audio feature or a plain {bytes, path} struct)
   - a local audiofolder (audio files + metadata.csv/metadata.jsonl with a `file_name` column)
   - a local NeMo manifest (`.json`/`.jsonl`, one JSON object per line, `audio_filepath` relative to the manifest)
+  - a local segment list of long recordings: the Fareez et al. OSCE interviews as published in `yfyeung/medical`
+    (`medical_{train,dev,test}.info` beside `audio/*.mp3`; each line `audio/RES0001.mp3[start,end]<TAB>TEXT`).
+    Each segment is cut out as its own clip, id `<recording>-<start ms>-<end ms>` (stable, unlike the lhotse
+    recipe's `hash()`-based ids) and group = the recording, so an interview never straddles train and val
   - otherwise a Hugging Face hub id, read at `fetch.revision` (streamed when `fetch.max_rows` is set)
 Audio is kept as its original encoded bytes, never decoded here (decoding needs no torchcodec: see stages/audio.py).
 Output: `data/raw/part-NNNNN.parquet` (columns below, source order) and `data/raw/source.json` (provenance, counts).
@@ -47,7 +51,9 @@ RAW_SCHEMA = pa.schema(
     ]
 )
 
-SourceKind = Literal["hub", "parquet", "audiofolder", "nemo_manifest"]
+SourceKind = Literal["hub", "parquet", "audiofolder", "nemo_manifest", "segment_list"]
+# One line of a `medical_<split>.info` file (layout as lhotse's `medical` recipe parses it)
+_SEGMENT_LINE = re.compile(r"^(?P<path>[^\t\[]+)\[(?P<start>\d+(?:\.\d+)?),(?P<end>\d+(?:\.\d+)?)\]\t(?P<text>.*)$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -73,6 +79,8 @@ def resolve_source(dataset: str) -> Source:
     if path.is_dir():
         if any(path.glob("metadata.csv")) or any(path.glob("metadata.jsonl")) or any(path.glob("*/metadata.*")):
             return Source("audiofolder", str(path))
+        if any(path.glob("medical_*.info")):
+            return Source("segment_list", str(path))
         if any(path.rglob("*.parquet")):
             return Source("parquet", str(path))
         raise FetchError(
@@ -209,6 +217,38 @@ def iter_manifest_rows(source: Source, p: FetchParams, skipped: dict[str, int]) 
         index += 1
 
 
+def iter_segment_rows(source: Source, p: FetchParams, skipped: dict[str, int]) -> Iterator[dict[str, Any]]:
+    """Segment list (`medical_<fetch.split>.info`): one clip per well-formed line; malformed lines are counted."""
+    info = Path(source.location) / f"medical_{p.split}.info"
+    if not info.is_file():
+        found = sorted(f.name for f in Path(source.location).glob("medical_*.info"))
+        raise FetchError(f"{info} not found (fetch.split={p.split!r}); segment lists here: {found}")
+    index = 0
+    for line_no, line in enumerate(info.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if p.max_rows is not None and index >= p.max_rows:
+            break
+        m = _SEGMENT_LINE.match(line.rstrip("\r"))
+        start, end = (float(m["start"]), float(m["end"])) if m else (0.0, 0.0)
+        if m is None or end <= start:
+            skipped["malformed_segment_line"] = skipped.get("malformed_segment_line", 0) + 1
+            log.warning("%s:%d skipped, not `path[start,end]<TAB>text`: %r", info, line_no, line[:120])
+            continue
+        file = Path(source.location) / m["path"]
+        recording = Path(m["path"]).stem
+        data = _cut_segment(file, start, end - start) if file.is_file() else None
+        yield {
+            "row": index,
+            "source_id": f"{recording}-{round(start * 1000):08d}-{round(end * 1000):08d}",
+            "group": recording,
+            "audio": data,
+            "source_path": f"{m['path']}[{m['start']},{m['end']}]",
+            "text": m["text"],
+        }
+        index += 1
+
+
 def _cut_segment(file: Path, offset: float, duration: float | None) -> bytes | None:
     """One [offset, offset+duration] segment of a long recording, re-encoded losslessly as FLAC."""
     try:
@@ -274,6 +314,8 @@ def run(p: FetchParams, out_dir: Path = RAW_DIR) -> dict[str, Any]:
     skipped: dict[str, int] = {}
     if source.kind == "nemo_manifest":
         rows = iter_manifest_rows(source, p, skipped)
+    elif source.kind == "segment_list":
+        rows = iter_segment_rows(source, p, skipped)
     elif source.kind == "audiofolder":
         rows = iter_audiofolder_rows(source, p)
     else:
@@ -285,7 +327,7 @@ def run(p: FetchParams, out_dir: Path = RAW_DIR) -> dict[str, Any]:
             "kind": source.kind,
             "revision": p.revision if source.kind == "hub" else None,
             "config": p.config if source.kind == "hub" else None,
-            "split": p.split if source.kind == "hub" else None,
+            "split": p.split if source.kind in ("hub", "segment_list") else None,
             "rows": count,
             "skipped": skipped,
         }

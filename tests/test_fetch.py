@@ -181,3 +181,51 @@ def test_unreachable_hub_is_a_clear_error(tmp_path, committed_params):
     assert "could not read hub dataset 'someone/medical-speech'" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "data" / "raw").exists()
+
+
+def test_osce_segment_list_in_the_published_layout(tmp_path):
+    """The Fareez et al. OSCE interviews as `yfyeung/medical` publishes them: `audio/<CASE>.mp3` plus
+    `medical_{train,dev,test}.info`, one segment per line as `audio/RES0001.mp3[start,end]<TAB>TEXT` (the layout
+    lhotse's recipe, lhotse/recipes/medical.py, parses: path, `[start,end]`, a tab, ALL-CAPS text)."""
+    import soundfile as sf
+    from helpers import tone
+
+    corpus = tmp_path / "medical"
+    (corpus / "audio").mkdir(parents=True)
+    sf.write(corpus / "audio" / "RES0001.mp3", tone(6.0, rate=16_000), 16_000, format="MP3")
+    sf.write(corpus / "audio" / "GAS0002.mp3", tone(3.0, rate=44_100, channels=2), 44_100, format="MP3")
+    lines = [
+        "audio/RES0001.mp3[0.500,2.250]\tHOW CAN I HELP YOU TODAY",
+        "audio/RES0001.mp3[2.500,5.000]\tI HAVE HAD A COUGH FOR THREE DAYS",
+        "audio/GAS0002.mp3[1.000,2.000]\tANY VOMITING",
+        "audio/CAR0003.mp3[0.000,1.000]\tTHE RECORDING IS MISSING",
+        "audio/RES0001.mp3[3.000,2.000]\tEND BEFORE START",
+        "audio/RES0001.mp3 0.5 2.0 NOT THE SYNTAX",
+        "",
+    ]
+    (corpus / "medical_train.info").write_text("\n".join(lines) + "\n")
+    (corpus / "medical_test.info").write_text("audio/GAS0002.mp3[0.000,1.500]\tTEST SEGMENT\n")
+
+    info = fetch.run(params(corpus), out_dir=tmp_path / "raw")
+    rows = raw_rows(tmp_path / "raw")
+    assert info["kind"] == "segment_list" and info["skipped"] == {"malformed_segment_line": 2}
+    assert [r["source_id"] for r in rows] == [
+        "RES0001-00000500-00002250",
+        "RES0001-00002500-00005000",
+        "GAS0002-00001000-00002000",
+        "CAR0003-00000000-00001000",
+    ]
+    assert [r["group"] for r in rows] == ["RES0001", "RES0001", "GAS0002", "CAR0003"]  # interviews stay whole
+    from stages.audio import decode
+
+    first, third = decode(rows[0]["audio"]), decode(rows[2]["audio"])
+    assert first.duration == pytest.approx(1.75, abs=0.01) and third.sample_rate == 44_100
+    assert rows[3]["audio"] is None  # counted later by subset as missing audio
+
+    again = fetch.run(params(corpus), out_dir=tmp_path / "raw2")
+    assert raw_rows(tmp_path / "raw2") == rows and again == info  # stable ids and bytes across runs
+
+    fetch.run(params(corpus, split="test"), out_dir=tmp_path / "raw-test")
+    assert [r["text"] for r in raw_rows(tmp_path / "raw-test")] == ["TEST SEGMENT"]
+    with pytest.raises(fetch.FetchError, match=r"medical_dev\.info not found"):
+        fetch.run(params(corpus, split="dev"), out_dir=tmp_path / "raw-dev")
