@@ -315,27 +315,17 @@ def watch(
             say(f"warning: {exc}")
             sleep(settings.poll_s)
             continue
-        if pod and pod.get("status") == "RUNNING":
+        running = bool(pod and pod.get("status") == "RUNNING")
+        if pod and running:
             state.spent_usd += float(pod.get("cost") or 0.0) * (now - last_poll) / 3600
         last_poll = now
         beat = read_beat(state.spec.run_id)
         state.save()
-        running = bool(pod and pod.get("status") == "RUNNING")
-        if beat and beat.get("state") == "done":
+        if verdict := _verdict(beat, state, settings):
             if running:
                 api.action(state.pod_id, "stop")
-            say(f"pipeline finished; spent ~${state.spent_usd:.2f}. Results: `dvc pull` then `dvc metrics show`")
-            return 0
-        if beat and beat.get("state") == "gave up":
-            if running:
-                api.action(state.pod_id, "stop")
-            say(f"runpod.sh gave up: {beat.get('detail', '')} (logs: `medasr pod logs`); not restarting it")
-            return 1
-        if state.spent_usd >= settings.max_usd:
-            if running:
-                api.action(state.pod_id, "stop")
-            say(f"spending cap reached (~${state.spent_usd:.2f} of ${settings.max_usd:.2f}): pod stopped")
-            return 1
+            say(verdict[1])
+            return verdict[0]
         action = decide(pod, beat, now, settings.stale_after_s)
         if action != "wait" and now >= not_before:
             if state.recoveries >= settings.max_recoveries:
@@ -353,6 +343,17 @@ def watch(
             cap = min(settings.backoff_max_s, settings.backoff_base_s * 2**state.recoveries)
             not_before = clock() + random.uniform(0, cap)  # full jitter
         sleep(settings.poll_s)
+
+
+def _verdict(beat: dict[str, Any] | None, state: LaunchState, settings: WatchSettings) -> tuple[int, str] | None:
+    """Whether the watch ends now (exit code, message): the run finished, gave up, or hit the spending cap."""
+    if beat and beat.get("state") == "done":
+        return 0, f"pipeline finished; spent ~${state.spent_usd:.2f}. Results: `dvc pull` then `dvc metrics show`"
+    if beat and beat.get("state") == "gave up":
+        return 1, f"runpod.sh gave up: {beat.get('detail', '')} (logs: `medasr pod logs`); not restarting it"
+    if state.spent_usd >= settings.max_usd:
+        return 1, f"spending cap reached (~${state.spent_usd:.2f} of ${settings.max_usd:.2f}): pod stopped"
+    return None
 
 
 def _recover(api: RunPodAPI, state: LaunchState, action: str, environ: dict[str, str], say: Callable) -> None:
