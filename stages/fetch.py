@@ -15,6 +15,7 @@ Output: `data/raw/part-NNNNN.parquet` (columns below, source order) and `data/ra
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Iterator
@@ -152,8 +153,6 @@ def iter_dataset_rows(source: Source, p: FetchParams) -> Iterator[dict[str, Any]
         # Read the encoded bytes instead of letting `datasets` decode (which would need torchcodec + FFmpeg).
         ds = ds.cast_column(p.audio_column, datasets.Audio(decode=False))
     for index, item in enumerate(ds):
-        if p.max_rows is not None and index >= p.max_rows:
-            break
         data, name = _audio_bytes(item[p.audio_column])
         yield _raw_row(index, item, data, name, p)
 
@@ -182,8 +181,6 @@ def iter_audiofolder_rows(source: Source, p: FetchParams) -> Iterator[dict[str, 
         raise FetchError(f"{metadata} has no file_name column; its columns are {sorted(ds.column_names)}")
     _check_columns([*ds.column_names, p.audio_column], p, str(metadata))
     for index, item in enumerate(ds):
-        if p.max_rows is not None and index >= p.max_rows:
-            break
         data, name = _audio_bytes(str(item["file_name"]), base=metadata.parent)
         yield _raw_row(index, item, data, name, p)
 
@@ -195,8 +192,6 @@ def iter_manifest_rows(source: Source, p: FetchParams, skipped: dict[str, int]) 
     for line_no, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
-        if p.max_rows is not None and index >= p.max_rows:
-            break
         try:
             item = json.loads(line)
             if not isinstance(item, dict) or not isinstance(item.get("audio_filepath"), str):
@@ -227,8 +222,6 @@ def iter_segment_rows(source: Source, p: FetchParams, skipped: dict[str, int]) -
     for line_no, line in enumerate(info.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
-        if p.max_rows is not None and index >= p.max_rows:
-            break
         m = _SEGMENT_LINE.match(line.rstrip("\r"))
         start, end = (float(m["start"]), float(m["end"])) if m else (0.0, 0.0)
         if m is None or end <= start:
@@ -321,7 +314,8 @@ def run(p: FetchParams, out_dir: Path = RAW_DIR) -> dict[str, Any]:
     else:
         rows = iter_dataset_rows(source, p)
     with atomic_dir(out_dir) as tmp:
-        count = write_shards(rows, tmp)
+        # the cap stops every source lazily: nothing past it is read, parsed or counted as skipped
+        count = write_shards(itertools.islice(rows, p.max_rows), tmp)
         info = {
             "dataset": p.dataset,
             "kind": source.kind,
