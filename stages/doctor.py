@@ -85,11 +85,15 @@ def _dvc_remote() -> Check:
 
 
 def _wandb() -> Check:
-    mode = os.environ.get("WANDB_MODE")
-    if mode in {"offline", "disabled"}:
+    from stages.tracking import wandb_mode  # the rule training itself uses
+
+    mode = wandb_mode()
+    if mode == "online":
+        if os.environ.get("WANDB_API_KEY"):
+            return Check("wandb", "online (WANDB_API_KEY set)")
+        return Check("wandb", "WANDB_MODE=online but WANDB_API_KEY is not set", "warn")
+    if os.environ.get("WANDB_MODE"):
         return Check("wandb", f"{mode} (WANDB_MODE)")
-    if os.environ.get("WANDB_API_KEY"):
-        return Check("wandb", "online (WANDB_API_KEY set)")
     return Check("wandb", "offline: no WANDB_API_KEY (runs sync later with `wandb sync`)", "warn")
 
 
