@@ -107,6 +107,15 @@ class S3Server:
         return sorted(int(m.group(1)) for k in self.keys() if (m := re.search(r"/step-(\d{8})/meta\.json$", k)))
 
 
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300, what: str = "the condition") -> None:
+    """Poll `predicate` while `proc` (with piped stdout) runs; fail with its output if it exits first."""
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"{proc.args} exited before {what}: {proc.stdout.read()[-4000:]}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 def tone(seconds: float, rate: int = 16_000, channels: int = 1, freq: float = 440.0) -> np.ndarray:
     t = np.arange(round(seconds * rate)) / rate
     mono = (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)

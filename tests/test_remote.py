@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import BUCKET, CREDENTIALS, S3Server, run_env, tiny_params
+from helpers import BUCKET, CREDENTIALS, S3Server, run_env, tiny_params, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -50,14 +50,6 @@ def train(ws: Path, **popen) -> subprocess.Popen:
         text=True,
         **popen,
     )
-
-
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def final_weights(ws: Path, step: int) -> dict:

@@ -9,12 +9,23 @@ import json
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import psutil
 import pytest
-from helpers import BUCKET, CREDENTIALS, REPO, VENV_BIN, S3Server, free_port, git, run_env, scratch_clone, set_params
+from helpers import (
+    BUCKET,
+    CREDENTIALS,
+    REPO,
+    VENV_BIN,
+    S3Server,
+    free_port,
+    git,
+    run_env,
+    scratch_clone,
+    set_params,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -70,25 +81,17 @@ def kill_tree(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def wait_until(predicate, proc: subprocess.Popen, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert proc.poll() is None, f"runpod.sh exited before {what}: {proc.stdout.read()[-4000:]}"
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def test_runpod_sh_survives_a_remote_outage_and_the_loss_of_its_pod(tmp_path):
     s3 = S3Server(free_port())  # not started: the remote is down when the loop starts
     pod1 = pod_checkout(tmp_path / "pod1", **{"train.max_steps": 40, "train.checkpoint_every": 4})
     log1 = tmp_path / "work1" / "logs" / "runpod.log"
     proc = runpod(pod1, tmp_path / "work1", s3, "--once")
     try:
-        wait_until(lambda: log1.is_file() and "retrying in" in log1.read_text(), proc, 120, "a retry")
+        wait_for(lambda: log1.is_file() and "retrying in" in log1.read_text(), proc, 120, "a retry")
         assert "problem: DVC remote 'medasr-s3' unreachable" in log1.read_text()
         s3.start()
         # fetch, subset and manifest finish and are pushed; training mirrors a checkpoint; then the pod dies
-        wait_until(lambda: s3.complete_steps(), proc, 600, "a mirrored checkpoint")
+        wait_for(lambda: s3.complete_steps(), proc, 600, "a mirrored checkpoint")
         kill_tree(proc)
         first_out = proc.stdout.read()
         assert "pipeline finished" not in first_out
