@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import DEMO_DATA, REPO, S3Server, free_port
+from helpers import DEMO_DATA, S3Server, committed_params_text, free_port
 
 
 @pytest.fixture
 def committed_params() -> dict[str, Any]:
-    return yaml.safe_load((REPO / "params.yaml").read_text())
+    return yaml.safe_load(committed_params_text())
 
 
 @pytest.fixture(scope="session")

@@ -156,15 +156,36 @@ def git(cwd: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
 
 
+# Experiment state DVC writes into the workspace: `make demo` (`dvc exp run -S ...`) edits params.yaml and writes
+# dvc.lock. Tests take both as committed, so running the demo before the tests changes nothing they see.
+EXPERIMENT_STATE = ("params.yaml", "dvc.lock")
+
+
+def committed(name: str) -> str | None:
+    """A file's text as committed at HEAD (None when HEAD has no such file)."""
+    out = subprocess.run(["git", "show", f"HEAD:{name}"], cwd=REPO, capture_output=True, text=True)
+    return out.stdout if out.returncode == 0 else None
+
+
+def committed_params_text() -> str:
+    text = committed("params.yaml")
+    assert text is not None, "params.yaml is not committed"
+    return text
+
+
 def scratch_clone(dest: Path) -> Path:
     """Copy what a fresh clone would hold (tracked and untracked-but-not-ignored files) into a new git repo, so the
-    tests exercise the working tree as it is, uncommitted changes included."""
+    tests exercise the working tree as it is, uncommitted changes included, except the experiment state (above),
+    which is taken as committed."""
     files = git(REPO, "ls-files", "--cached", "--others", "--exclude-standard", "-z").split("\0")
     for name in filter(None, files):
         src = REPO / name
-        if src.is_file():
+        if src.is_file() and name not in EXPERIMENT_STATE:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
+    for name in EXPERIMENT_STATE:
+        if (text := committed(name)) is not None:
+            (dest / name).write_text(text)
     git(dest, "init", "-q", "-b", "main")
     git(dest, "config", "user.email", "tests@medasr.invalid")
     git(dest, "config", "user.name", "medasr tests")
@@ -203,7 +224,7 @@ def set_params(repo: Path, **overrides: Any) -> None:
 
 def tiny_params(**overrides: Any) -> Params:
     """The committed params with the tiny preset and a short, fast training run; override with "train.lr"=..."""
-    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data = yaml.safe_load(committed_params_text())
     data["model"]["preset"] = "tiny"
     data["train"].update(
         max_steps=12, checkpoint_every=4, batch_size=4, lr=3e-3, warmup_steps=2, val_every=0, val_max_utts=6

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import yaml
-from helpers import REPO
+from helpers import committed_params_text
 
 
 def doctor(cwd, env_extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -17,7 +17,7 @@ def doctor(cwd, env_extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def test_doctor_reads_dotenv_but_never_prints_secret_values(tmp_path):
-    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(committed_params_text())
     (tmp_path / ".env").write_text(
         "AWS_SECRET_ACCESS_KEY=dotenv-secret-value-123\nWANDB_MODE=disabled\nHF_TOKEN=from-dotenv\n"
     )
@@ -35,7 +35,7 @@ def test_doctor_reads_dotenv_but_never_prints_secret_values(tmp_path):
 
 
 def test_doctor_fails_on_invalid_params(tmp_path):
-    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data = yaml.safe_load(committed_params_text())
     data["subset"]["train_size"] = "lots"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
     proc = doctor(tmp_path, {})
@@ -44,7 +44,7 @@ def test_doctor_fails_on_invalid_params(tmp_path):
 
 
 def test_environment_wins_over_dotenv(tmp_path):
-    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(committed_params_text())
     (tmp_path / ".env").write_text("WANDB_MODE=disabled\n")
     proc = doctor(tmp_path, {"WANDB_MODE": "offline"})
     assert "offline (WANDB_MODE)" in proc.stdout and "disabled" not in proc.stdout

@@ -7,15 +7,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO
+from helpers import committed_params_text
 from typer.testing import CliRunner
 
 from stages.cli import EXIT_BAD_PARAMS, app
 from stages.params import ParamsError, load_params, parse_params
 
 
-def test_committed_params_are_valid():
-    p = load_params(REPO / "params.yaml")
+def test_committed_params_are_valid(tmp_path):
+    (tmp_path / "params.yaml").write_text(committed_params_text())
+    p = load_params(tmp_path / "params.yaml")
     assert p.model.preset == "canary-qwen-2.5b"
     assert p.subset.train_size == 2000 and p.subset.val_size == 200 and p.subset.max_duration == 30
 
