@@ -63,7 +63,8 @@ def _run_stage(name: str, params_path: Path, whole: bool = False) -> None:
 
 @app.command()
 def fetch(params: Path = PARAMS_OPTION) -> None:
-    """Read the dataset named by fetch.* (hub id or local parquet/audiofolder/NeMo manifest).
+    """Read the dataset named by fetch.*: a hub id, or a local parquet file, audiofolder, NeMo manifest, OSCE
+    segment list or TextGrid folder (PriMock57).
 
     Writes data/raw/ (parquet shards of original audio bytes + text, and source.json).
     """

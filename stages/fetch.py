@@ -8,7 +8,14 @@ Reads `fetch.*` from params.yaml. The source kind is inferred from `fetch.datase
     (`medical_{train,dev,test}.info` beside `audio/*.mp3`; each line `audio/RES0001.mp3[start,end]<TAB>TEXT`).
     Each segment is cut out as its own clip, id `<recording>-<start ms>-<end ms>` (stable, unlike the lhotse
     recipe's `hash()`-based ids) and group = the recording, so an interview never straddles train and val
-  - otherwise a Hugging Face hub id, read at `fetch.revision` (streamed when `fetch.max_rows` is set)
+  - a local folder of long recordings with Praat TextGrid transcripts, as PriMock57 publishes them
+    (`transcripts/<name>.TextGrid` beside `audio/<name>.wav`, one interval per utterance). Each non-empty interval
+    is cut out as a clip, id `<name>-<start ms>-<end ms>`; group = the name without a trailing `_<tier name>`
+    (`day1_consultation01_doctor` -> `day1_consultation01`), so both channels of a consultation stay together
+  - otherwise a Hugging Face hub id at `fetch.revision`. `fetch.hub_download: datasets` reads it with
+    `datasets.load_dataset` (streamed when `fetch.max_rows` is set); `snapshot` downloads the repo's files
+    (huggingface_hub), unpacks its .tar/.tar.gz/.zip archives once into the HF cache, and reads the result as one of
+    the local layouts above: the way to use `yfyeung/medical`, which `load_dataset` cannot read
 Audio is kept as its original encoded bytes, never decoded here (decoding needs no torchcodec: see stages/audio.py).
 Output: `data/raw/part-NNNNN.parquet` (columns below, source order) and `data/raw/source.json` (provenance, counts).
 """
@@ -18,6 +25,9 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import shutil
+import tarfile
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +62,7 @@ RAW_SCHEMA = pa.schema(
     ]
 )
 
-SourceKind = Literal["hub", "parquet", "audiofolder", "nemo_manifest", "segment_list"]
+SourceKind = Literal["hub", "parquet", "audiofolder", "nemo_manifest", "segment_list", "textgrid"]
 # One line of a `medical_<split>.info` file (layout as lhotse's `medical` recipe parses it)
 _SEGMENT_LINE = re.compile(r"^(?P<path>[^\t\[]+)\[(?P<start>\d+(?:\.\d+)?),(?P<end>\d+(?:\.\d+)?)\]\t(?P<text>.*)$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -82,10 +92,13 @@ def resolve_source(dataset: str) -> Source:
             return Source("audiofolder", str(path))
         if any(path.glob("medical_*.info")):
             return Source("segment_list", str(path))
+        if any(path.rglob("*.TextGrid")):
+            return Source("textgrid", str(path))
         if any(path.rglob("*.parquet")):
             return Source("parquet", str(path))
         raise FetchError(
-            f"fetch.dataset {dataset!r}: folder holds neither parquet files nor an audiofolder metadata.csv/jsonl"
+            f"fetch.dataset {dataset!r}: folder holds no parquet files, audiofolder metadata.csv/jsonl, "
+            "medical_<split>.info segment list or TextGrid transcripts"
         )
     if _HUB_ID.match(dataset) and not dataset.startswith((".", "~")):
         return Source("hub", dataset)
@@ -97,8 +110,7 @@ def _open_with_datasets(source: Source, p: FetchParams) -> Any:
     import datasets  # ~1 s import; only this stage needs it
 
     if source.kind == "hub":
-        if p.revision is None or not re.fullmatch(r"[0-9a-f]{40}", p.revision):
-            log.warning("fetch.revision %r is not a commit sha: the hub dataset is not pinned", p.revision)
+        _warn_unpinned(p)
         try:
             return datasets.load_dataset(
                 source.location, name=p.config, revision=p.revision, split=p.split, streaming=p.max_rows is not None
@@ -242,6 +254,92 @@ def iter_segment_rows(source: Source, p: FetchParams, skipped: dict[str, int]) -
         index += 1
 
 
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg")
+
+
+def iter_textgrid_rows(source: Source, skipped: dict[str, int]) -> Iterator[dict[str, Any]]:
+    """TextGrid transcripts (any depth) matched by file name to audio files (any depth): one clip per labelled
+    interval. Unreadable TextGrids and audio without a transcript are counted; a missing recording reaches subset
+    as missing audio."""
+    from praatio import textgrid
+    from praatio.utilities.errors import PraatioException
+
+    root = Path(source.location)
+    audio = {f.stem: f for f in sorted(root.rglob("*")) if f.suffix.lower() in AUDIO_SUFFIXES and f.is_file()}
+    grids = sorted(root.rglob("*.TextGrid"))
+    untranscribed = len(audio.keys() - {g.stem for g in grids})
+    if untranscribed:
+        skipped["audio_without_transcript"] = untranscribed
+        log.warning("%d audio file(s) under %s have no TextGrid of the same name", untranscribed, root)
+    index = 0
+    for grid in grids:
+        try:
+            tg = textgrid.openTextgrid(str(grid), includeEmptyIntervals=False)
+        except (PraatioException, ValueError, IndexError, UnicodeError) as exc:
+            skipped["malformed_textgrid"] = skipped.get("malformed_textgrid", 0) + 1
+            log.warning("%s skipped, not a readable TextGrid: %s", grid, exc)
+            continue
+        file = audio.get(grid.stem)
+        tiers = [tg.getTier(name) for name in tg.tierNames]
+        for tier in tiers:
+            # PriMock57 names a channel's file `<consultation>_<speaker>` and its only tier `<Speaker>`
+            suffix = f"_{tier.name.lower()}"
+            group = grid.stem[: -len(suffix)] if grid.stem.lower().endswith(suffix) else grid.stem
+            prefix = grid.stem if len(tiers) == 1 else f"{grid.stem}-{tier.name}"
+            for start, end, label in getattr(tier, "entries", ()):  # point tiers have no intervals: nothing to cut
+                if not label.strip():
+                    continue
+                yield {
+                    "row": index,
+                    "source_id": f"{prefix}-{round(start * 1000):08d}-{round(end * 1000):08d}",
+                    "group": group,
+                    "audio": _cut_segment(file, start, end - start) if file else None,
+                    "source_path": f"{grid.relative_to(root)}[{start:.3f},{end:.3f}]",
+                    "text": label,
+                }
+                index += 1
+
+
+def _warn_unpinned(p: FetchParams) -> None:
+    if p.revision is None or not re.fullmatch(r"[0-9a-f]{40}", p.revision):
+        log.warning("fetch.revision %r is not a commit sha: the hub dataset is not pinned", p.revision)
+
+
+def hub_snapshot(p: FetchParams) -> Path:
+    """Download the hub repo's files at fetch.revision and unpack its archives once; returns the unpacked folder."""
+    from huggingface_hub import constants, snapshot_download
+
+    _warn_unpinned(p)
+    try:
+        snapshot = Path(snapshot_download(p.dataset, repo_type="dataset", revision=p.revision))
+    except OSError as exc:  # every huggingface_hub error (offline, not found, gated, bad revision) is an OSError
+        raise FetchError(f"could not download hub dataset {p.dataset!r} (offline, gated or renamed?): {exc}") from None
+    # the snapshot folder is named by the commit, so a new revision unpacks afresh and an old one is reused
+    target = Path(constants.HF_HOME) / "medasr-unpacked" / p.dataset.replace("/", "--") / snapshot.name
+    if not target.is_dir():
+        with atomic_dir(target) as tmp:
+            for file in sorted(f for f in snapshot.rglob("*") if f.is_file()):
+                _unpack_or_link(file, tmp / file.relative_to(snapshot))
+        log.info("unpacked %s@%s into %s", p.dataset, snapshot.name, target)
+    return target
+
+
+def _unpack_or_link(file: Path, dest: Path) -> None:
+    """Archives are extracted beside where they sit; other files are linked to the (read-only) HF cache blob."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if file.name.endswith((".tar", ".tar.gz", ".tgz")):
+        with tarfile.open(file) as tar:
+            tar.extractall(dest.parent, filter="data")  # refuses absolute paths, `..` and device files
+    elif file.suffix == ".zip":
+        with zipfile.ZipFile(file) as archive:
+            archive.extractall(dest.parent)  # zipfile already strips absolute paths and `..`
+    else:
+        try:
+            dest.symlink_to(file.resolve())
+        except OSError:
+            shutil.copy2(file, dest)
+
+
 def _cut_segment(file: Path, offset: float, duration: float | None) -> bytes | None:
     """One [offset, offset+duration] segment of a long recording, re-encoded losslessly as FLAC."""
     try:
@@ -293,7 +391,12 @@ def write_shards(rows: Iterator[dict[str, Any]], out_dir: Path) -> int:
 
 def run(p: FetchParams, out_dir: Path = RAW_DIR) -> dict[str, Any]:
     source = resolve_source(p.dataset)
-    if source.kind != "hub":
+    snapshot = source.kind == "hub" and p.hub_download == "snapshot"
+    if snapshot:
+        source = resolve_source(str(hub_snapshot(p)))
+        if source.kind == "hub":  # cannot happen for an existing folder; keeps the type checker honest
+            raise FetchError(f"{p.dataset}: the snapshot is not a local layout")
+    elif source.kind != "hub":
         ignored = [k for k in ("revision", "config") if getattr(p, k) is not None]
         if ignored:
             log.info("local dataset: fetch.%s ignored (hub-only keys)", ", fetch.".join(ignored))
@@ -309,6 +412,8 @@ def run(p: FetchParams, out_dir: Path = RAW_DIR) -> dict[str, Any]:
         rows = iter_manifest_rows(source, p, skipped)
     elif source.kind == "segment_list":
         rows = iter_segment_rows(source, p, skipped)
+    elif source.kind == "textgrid":
+        rows = iter_textgrid_rows(source, skipped)
     elif source.kind == "audiofolder":
         rows = iter_audiofolder_rows(source, p)
     else:
@@ -319,7 +424,8 @@ def run(p: FetchParams, out_dir: Path = RAW_DIR) -> dict[str, Any]:
         info = {
             "dataset": p.dataset,
             "kind": source.kind,
-            "revision": p.revision if source.kind == "hub" else None,
+            "hub_snapshot": source.location if snapshot else None,
+            "revision": p.revision if source.kind == "hub" or snapshot else None,
             "config": p.config if source.kind == "hub" else None,
             "split": p.split if source.kind in ("hub", "segment_list") else None,
             "rows": count,

@@ -35,10 +35,16 @@ class _Block(BaseModel):
 
 class FetchParams(_Block):
     dataset: NonEmptyStr = Field(
-        description="Hugging Face hub id, or a local path: parquet file/folder, audiofolder, or NeMo manifest (.json)"
+        description="Hugging Face hub id, or a local path: parquet file/folder, audiofolder, NeMo manifest (.json), "
+        "segment list folder (medical_<split>.info) or TextGrid folder"
     )
     revision: str | None = Field(None, description="hub only: commit sha to pin (ignored for local paths)")
     config: str | None = Field(None, description="hub only: dataset config name (ignored for local paths)")
+    hub_download: Literal["datasets", "snapshot"] = Field(
+        "datasets",
+        description="hub only: 'datasets' = datasets.load_dataset; 'snapshot' = download the repo's files, unpack "
+        "archives and read them as a local layout (segment list, TextGrids, audiofolder, ...)",
+    )
     split: NonEmptyStr = Field(description="split to read; a local source with a single split uses that one")
     audio_column: NonEmptyStr
     text_column: NonEmptyStr

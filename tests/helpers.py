@@ -124,7 +124,7 @@ def tone(seconds: float, rate: int = 16_000, channels: int = 1, freq: float = 44
 
 def audio_bytes(samples: np.ndarray, rate: int = 16_000, fmt: str = "WAV") -> bytes:
     buf = io.BytesIO()
-    sf.write(buf, samples, rate, format=fmt, subtype="PCM_16")
+    sf.write(buf, samples, rate, format=fmt, subtype="PCM_16" if fmt in ("WAV", "FLAC") else None)
     return buf.getvalue()
 
 

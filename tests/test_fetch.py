@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import tarfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -229,3 +230,165 @@ def test_osce_segment_list_in_the_published_layout(tmp_path):
     assert [r["text"] for r in raw_rows(tmp_path / "raw-test")] == ["TEST SEGMENT"]
     with pytest.raises(fetch.FetchError, match=r"medical_dev\.info not found"):
         fetch.run(params(corpus, split="dev"), out_dir=tmp_path / "raw-dev")
+
+
+def textgrid(speaker: str, xmax: float, intervals: list[tuple[float, float, str]]) -> str:
+    """A transcript in PriMock57's TextGrid form (transcripts/day1_consultation01_patient.TextGrid at
+    github.com/babylonhealth/primock57, commit f01a3cf7): Praat's long text format, one IntervalTier named after
+    the speaker, unlabelled gaps between utterances, `""` escaping a quote, a trailing space after each value."""
+    items = []
+    for i, (start, end, text) in enumerate(intervals, 1):
+        label = text.replace('"', '""')
+        items.append(
+            f"        intervals [{i}]:\n            xmin = {start} \n            xmax = {end} \n"
+            f'            text = "{label}" \n'
+        )
+    return (
+        'File type = "ooTextFile"\nObject class = "TextGrid"\n\n'
+        f"xmin = 0 \nxmax = {xmax} \ntiers? <exists> \nsize = 1 \nitem []: \n    item [1]:\n"
+        f'        class = "IntervalTier" \n        name = "{speaker}" \n        xmin = 0 \n        xmax = {xmax} \n'
+        f"        intervals: size = {len(intervals)} \n" + "".join(items)
+    )
+
+
+def test_primock57_textgrids_in_the_published_layout(tmp_path):
+    """PriMock57 as its repository publishes it: `audio/<day>_<consultation>_{doctor,patient}.wav` (16 kHz mono,
+    one speaker channel each) and `transcripts/<same name>.TextGrid` (transcripts/README.md there: one interval
+    per utterance, `<UNSURE>`/`<UNIN/>` tags). Malformed transcripts and unmatched files are counted."""
+    import soundfile as sf
+    from helpers import tone
+
+    from stages.audio import decode
+
+    corpus = tmp_path / "primock57"
+    (corpus / "audio").mkdir(parents=True)
+    (corpus / "transcripts").mkdir()
+    for name in ("day1_consultation01_doctor", "day1_consultation01_patient", "day2_consultation03_doctor"):
+        sf.write(corpus / "audio" / f"{name}.wav", tone(8.0), 16_000, subtype="PCM_16")
+    (corpus / "transcripts" / "day1_consultation01_doctor.TextGrid").write_text(
+        textgrid(
+            "Doctor",
+            8.0,
+            [(0, 0.5, ""), (0.5, 2.25, "Hello, how can I help?"), (2.25, 3.0, ""), (3.0, 4.5, 'Any "blood"?')],
+        )
+    )
+    (corpus / "transcripts" / "day1_consultation01_patient.TextGrid").write_text(
+        textgrid(
+            "Patient",
+            8.0,
+            [
+                (0, 1.0, ""),
+                (1.0, 3.907171368756498, "<UNSURE>Um</UNSURE>, diarrhea for three days."),
+                (4, 5, "<UNIN/>"),
+            ],
+        )
+    )
+    # a transcript whose recording is missing, and one cut off mid-file (a bad download)
+    (corpus / "transcripts" / "day3_consultation02_patient.TextGrid").write_text(
+        textgrid("Patient", 5.0, [(0.0, 2.0, "Yes.")])
+    )
+    (corpus / "transcripts" / "day3_consultation02_doctor.TextGrid").write_text(
+        textgrid("Doctor", 5.0, [(0.0, 2.0, "Cut off")])[:150]
+    )
+
+    info = fetch.run(params(corpus), out_dir=tmp_path / "raw")
+    rows = raw_rows(tmp_path / "raw")
+    assert info["kind"] == "textgrid"
+    # day2_consultation03_doctor.wav has no transcript; the truncated TextGrid is not read
+    assert info["skipped"] == {"audio_without_transcript": 1, "malformed_textgrid": 1}
+    assert [(r["source_id"], r["group"], r["text"]) for r in rows] == [
+        ("day1_consultation01_doctor-00000500-00002250", "day1_consultation01", "Hello, how can I help?"),
+        ("day1_consultation01_doctor-00003000-00004500", "day1_consultation01", 'Any "blood"?'),
+        (
+            "day1_consultation01_patient-00001000-00003907",
+            "day1_consultation01",
+            "<UNSURE>Um</UNSURE>, diarrhea for three days.",
+        ),
+        ("day1_consultation01_patient-00004000-00005000", "day1_consultation01", "<UNIN/>"),
+        ("day3_consultation02_patient-00000000-00002000", "day3_consultation02", "Yes."),
+    ]
+    clip = decode(rows[0]["audio"])
+    assert clip.sample_rate == 16_000 and clip.duration == pytest.approx(1.75, abs=1e-3)
+    assert rows[4]["audio"] is None  # reaches subset as missing_audio
+    assert fetch.run(params(corpus), out_dir=tmp_path / "raw2") == info and raw_rows(tmp_path / "raw2") == rows
+
+
+def hf_cache_snapshot(hf_home: Path, repo: str, commit: str, files: dict[str, bytes]) -> Path:
+    """A dataset repo as huggingface_hub caches it: `hub/datasets--<owner>--<name>/snapshots/<commit>/...`
+    (files in blobs/, linked from the snapshot), with refs/main naming the commit."""
+    import hashlib
+
+    repo_dir = hf_home / "hub" / f"datasets--{repo.replace('/', '--')}"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    snapshot = repo_dir / "snapshots" / commit
+    for name, data in files.items():
+        blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(exist_ok=True)
+        blob.write_bytes(data)
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).symlink_to(blob)
+    return snapshot
+
+
+def test_hub_snapshot_of_the_osce_repo_is_unpacked_once_and_read_as_a_segment_list(tmp_path, committed_params):
+    """`yfyeung/medical` holds `audio.tar.gz` (-> audio/*.mp3) and `medical_*.info` (lhotse's recipe downloads
+    exactly these). huggingface_hub runs for real in offline mode against a cache laid out as it lays one out."""
+    import io
+    import subprocess
+    import sys
+
+    import soundfile as sf
+    import yaml
+    from helpers import audio_bytes, tone
+
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        data = audio_bytes(tone(4.0), fmt="MP3")
+        member = tarfile.TarInfo("audio/RES0001.mp3")
+        member.size = len(data)
+        tar.addfile(member, io.BytesIO(data))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    hf_cache_snapshot(
+        tmp_path / "hf",
+        "yfyeung/medical",
+        commit,
+        {
+            "audio.tar.gz": archive.getvalue(),
+            "medical_train.info": b"audio/RES0001.mp3[0.5,2.0]\tDO YOU HAVE A COUGH\n",
+            "README.md": b"# medical\n",
+        },
+    )
+    committed_params["fetch"] |= {"dataset": "yfyeung/medical", "revision": commit, "hub_download": "snapshot"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(committed_params))
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "COLUMNS": "300",
+    }
+
+    def fetch_cli() -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "stages.cli", "fetch"]
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+
+    proc = fetch_cli()
+    assert proc.returncode == 0, proc.stderr
+    assert "unpacked yfyeung/medical@" + commit in proc.stderr
+    rows = raw_rows(tmp_path / "data" / "raw")
+    assert [(r["source_id"], r["text"]) for r in rows] == [("RES0001-00000500-00002000", "DO YOU HAVE A COUGH")]
+    assert sf.info(io.BytesIO(rows[0]["audio"])).duration == pytest.approx(1.5, abs=0.01)
+    source = json.loads((tmp_path / "data" / "raw" / "source.json").read_text())
+    assert source["kind"] == "segment_list" and source["revision"] == commit
+
+    again = fetch_cli()  # the unpacked copy is reused, not extracted again
+    assert (
+        again.returncode == 0 and "unpacked yfyeung" not in again.stderr and raw_rows(tmp_path / "data" / "raw") == rows
+    )
+
+    committed_params["fetch"]["revision"] = "f" * 40  # not in the cache, and offline
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(committed_params))
+    proc = fetch_cli()
+    assert proc.returncode == 1 and "could not download hub dataset 'yfyeung/medical'" in proc.stderr
+    assert "Traceback" not in proc.stderr and raw_rows(tmp_path / "data" / "raw") == rows  # old output kept
