@@ -9,12 +9,14 @@ STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 export WANDB_MODE ?= offline
 
-# The offline demo: the same dvc.yaml with params overridden (bundled demo audio; the committed params.yaml stays
-# as it is in git). Tiny model, 30 CPU training steps: a smoke run of every stage, not a useful model.
+# The offline demo: the same dvc.yaml with params overridden (bundled demo audio, and as held-out test set two
+# bundled consultations in PriMock57's layout; the committed params.yaml stays as it is in git). Tiny model,
+# 30 CPU training steps: a smoke run of every stage, not a useful model.
 DEMO_PARAMS := -S fetch.dataset=data/sources/demo -S fetch.text_column=text -S fetch.id_column=utterance_id \
 	-S subset.train_size=40 -S subset.val_size=12 -S model.preset=tiny \
 	-S train.max_steps=30 -S train.checkpoint_every=10 -S train.batch_size=4 -S train.lr=0.003 \
-	-S train.warmup_steps=2 -S train.val_every=10 -S train.val_max_utts=12 -S eval.batch_size=8 -S eval.max_new_tokens=32
+	-S train.warmup_steps=2 -S train.val_every=10 -S train.val_max_utts=12 -S eval.batch_size=8 -S eval.max_new_tokens=32 \
+	-S 'eval.test_sets=[{name: demo_consultations, dataset: data/sources/demo-consultations}]'
 
 .PHONY: install test test-fast lint demo lock
 

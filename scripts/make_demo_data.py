@@ -1,17 +1,22 @@
-"""Generate the bundled demo dataset: short medical dictation and doctor-patient sentences spoken by espeak-ng.
+"""Generate the bundled demo data: medical dictation and doctor-patient turns spoken by espeak-ng.
 
-Run: `.venv/bin/python scripts/make_demo_data.py` (needs the `espeak-ng` Debian package). The output,
-`data/sources/demo/`, is committed, so nothing else in the project needs espeak-ng. It is a Hugging Face
-"audiofolder" (audio files plus `metadata.csv`), the layout a team's own recordings would use.
+Run: `.venv/bin/python scripts/make_demo_data.py` (needs the `espeak-ng` Debian package). The output is committed,
+so nothing else in the project needs espeak-ng. espeak-ng's voices stand in for speakers.
 
-Most clips are 16 kHz mono FLAC. A few are stored at 8 kHz, 22.05 kHz or 44.1 kHz stereo on purpose, so the demo
-run also exercises the pipeline's downmix/resample repair. espeak-ng's voices stand in for speakers.
+- `data/sources/demo/`: the training data, a Hugging Face "audiofolder" (audio files plus `metadata.csv`), the
+  layout a team's own recordings would use. Most clips are 16 kHz mono FLAC; a few are stored at 8 kHz, 22.05 kHz
+  or 44.1 kHz stereo on purpose, so the demo also exercises the downmix/resample repair.
+- `data/sources/demo-consultations/`: the demo's held-out test set, two short consultations in PriMock57's layout
+  (`audio/<consultation>_{doctor,patient}` one channel per speaker, `transcripts/<same>.TextGrid` with one interval
+  per utterance and PriMock57's `<UNSURE>`/`<UNIN/>` tags), with voices and sentences the training data lacks.
+  FLAC rather than PriMock57's WAV, to keep the repository small.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import re
 import subprocess
 from pathlib import Path
 
@@ -20,6 +25,7 @@ import soundfile as sf
 import soxr
 
 OUT = Path("data/sources/demo")
+CONSULTATIONS_OUT = Path("data/sources/demo-consultations")
 
 VOICES = ["en-us+m3", "en-gb+f2", "en-us+f4", "en-gb-x-rp+m1", "en-us+m7", "en-029+f3"]
 
@@ -95,7 +101,74 @@ def store(audio: np.ndarray, rate: int, target_rate: int, channels: int) -> np.n
     return out
 
 
+# (name, doctor voice, patient voice, turns as (speaker, transcript)); none of these voices is in VOICES
+CONSULTATIONS = [
+    (
+        "demoday1_consultation01",
+        "en-gb-scotland+m2",
+        "en-gb-x-gbcwmd+f1",
+        [
+            ("doctor", "Good morning, what brings you in today?"),
+            ("patient", "I have had a burning pain when I pass urine for two days."),
+            ("doctor", "Any fever, or pain in your back or side?"),
+            ("patient", "<UNSURE>No</UNSURE>, no fever, just the burning."),
+            ("doctor", "I will prescribe nitrofurantoin one hundred milligrams twice a day for three days."),
+            ("patient", "Okay, thank you doctor. <UNIN/>"),
+        ],
+    ),
+    (
+        "demoday1_consultation02",
+        "en-gb-x-gbclan+m4",
+        "en-gb-scotland+f5",
+        [
+            ("doctor", "How is your breathing since we started the salbutamol inhaler?"),
+            ("patient", "Better, but I still wheeze at night."),
+            ("doctor", "Let us add a low dose beclometasone inhaler every morning and evening."),
+            ("patient", "Should I stop the salbutamol?"),
+            ("doctor", "No, keep it for when you feel tight chested."),
+        ],
+    ),
+]
+GAP_S = 0.6  # silence between turns
+
+
+def make_consultations() -> None:
+    from praatio import textgrid
+
+    for folder in ("audio", "transcripts"):
+        (CONSULTATIONS_OUT / folder).mkdir(parents=True, exist_ok=True)
+    rate = 16_000
+    for name, doctor, patient, turns in CONSULTATIONS:
+        voices = {"doctor": doctor, "patient": patient}
+        clips, t = [], GAP_S
+        for speaker, text in turns:
+            spoken = re.sub(r"<[^>]+>", "", text)  # the tags are the transcriber's, not spoken
+            audio, native = speak(spoken, voices[speaker])
+            audio = soxr.resample(audio, native, rate)
+            clips.append((speaker, text, t, audio))
+            t += len(audio) / rate + GAP_S
+        total = round(t * rate)
+        for speaker, label in (("doctor", "Doctor"), ("patient", "Patient")):
+            channel = np.zeros(total, dtype=np.float32)
+            intervals = []
+            for who, text, start, audio in clips:
+                if who == speaker:
+                    first = round(start * rate)
+                    channel[first : first + len(audio)] = audio
+                    intervals.append((round(start, 3), round(start + len(audio) / rate, 3), text))
+            sf.write(CONSULTATIONS_OUT / "audio" / f"{name}_{speaker}.flac", channel, rate, subtype="PCM_16")
+            grid = textgrid.Textgrid()
+            grid.addTier(textgrid.IntervalTier(label, intervals, 0, total / rate))
+            grid.save(
+                str(CONSULTATIONS_OUT / "transcripts" / f"{name}_{speaker}.TextGrid"),
+                format="long_textgrid",
+                includeBlankSpaces=True,
+            )
+    print(f"wrote {len(CONSULTATIONS)} consultations to {CONSULTATIONS_OUT}")
+
+
 def main() -> None:
+    make_consultations()
     (OUT / "audio").mkdir(parents=True, exist_ok=True)
     rows = []
     for i, text in enumerate(SENTENCES):

@@ -66,8 +66,17 @@ def fetch(params: Path = PARAMS_OPTION) -> None:
     """Read the dataset named by fetch.*: a hub id, or a local parquet file, audiofolder, NeMo manifest, OSCE
     segment list or TextGrid folder (PriMock57).
 
-    Writes data/raw/ (parquet shards of original audio bytes + text, and source.json).
+    Writes data/raw/ (parquet shards of original audio bytes + text, and source.json). First checks that every
+    local dataset path in fetch.* and eval.test_sets exists, so a typo fails here rather than after training.
     """
+    from stages.fetch import source_problems
+
+    problems = source_problems(_params(params))
+    if problems:
+        typer.echo("error: dataset not found:", err=True)
+        for problem in problems:
+            typer.echo(f"  - {problem}", err=True)
+        raise typer.Exit(EXIT_BAD_PARAMS)
     _run_stage("fetch", params)
 
 
@@ -99,12 +108,22 @@ def train(params: Path = PARAMS_OPTION) -> None:
     _run_stage("train", params, whole=True)
 
 
+@app.command()
+def testsets(params: Path = PARAMS_OPTION) -> None:
+    """Prepare the held-out test sets in eval.test_sets (read like fetch.*, screened like subset, written like the
+    manifest stage; clips that overlap train/val are dropped).
+
+    Reads data/subset/; writes data/testsets/<name>/manifest.json (+ audio/) and metrics/testsets.json.
+    """
+    _run_stage("testsets", params, whole=True)
+
+
 @app.command(name="eval")
 def evaluate(params: Path = PARAMS_OPTION) -> None:
-    """Transcribe the val split with the fine-tuned and the base model and score both, per eval.*.
+    """Transcribe val and every test set with the fine-tuned and the base model and score both, per eval.*.
 
-    Reads data/manifests/val.json and models/canary-qwen-medical-lora/; writes metrics/eval.json and
-    metrics/predictions.jsonl.
+    Reads data/manifests/val.json, data/testsets/ and models/canary-qwen-medical-lora/; writes metrics/eval.json
+    (val.* and test.<name>.*, each with finetuned, base and wer_reduction) and metrics/predictions.jsonl.
     """
     _run_stage("eval", params, whole=True)
 

@@ -97,12 +97,17 @@ def _wandb() -> Check:
     return Check("wandb", "offline: no WANDB_API_KEY (runs sync later with `wandb sync`)", "warn")
 
 
-def _params(path: Path) -> Check:
+def _params(path: Path) -> list[Check]:
     try:
         p = load_params(path)
     except ParamsError as exc:
-        return Check("params", f"{path}: " + "; ".join(exc.problems), "fail")
-    return Check("params", f"{path} valid (model {p.model.preset}, dataset {p.fetch.dataset})")
+        return [Check("params", f"{path}: " + "; ".join(exc.problems), "fail")]
+    from stages.fetch import source_problems  # local paths must exist; hub ids are not looked up
+
+    test_sets = ", ".join(t.name for t in p.eval.test_sets) or "none (val only)"
+    checks = [Check("params", f"{path} valid (model {p.model.preset}, dataset {p.fetch.dataset})")]
+    checks.append(Check("test sets", test_sets))
+    return checks + [Check("dataset", problem, "fail") for problem in source_problems(p)]
 
 
 def run_checks(params: Path) -> list[Check]:
@@ -110,7 +115,7 @@ def run_checks(params: Path) -> list[Check]:
     checks += [_version(p) for p in PACKAGES]
     checks += [_gpu(), _disk(), _dvc_remote(), _wandb()]
     checks += [Check(f"${name}", "set" if os.environ.get(name) else "not set") for name in SECRETS]
-    checks.append(_params(params))
+    checks += _params(params)
     return checks
 
 

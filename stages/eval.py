@@ -1,10 +1,12 @@
 """eval stage: the base model and the fine-tuned model transcribe the same held-out audio, scored the same way.
 
-Reads `eval.*` (plus `model.*`, `lora.*`, `train.seed` to rebuild the base), `data/manifests/val.json` and
-`models/canary-qwen-medical-lora/`. Writes the DVC metric `metrics/eval.json` (top-level `wer`/`cer` of the
-fine-tuned model, the same under `base`, and the other figures) and `metrics/predictions.jsonl` (one row per
-utterance and model). Decoding is batched and greedy with the training prompt; WER is corpus-level on text
-normalised by stages/scoring.py, with raw WER beside it.
+Reads `eval.*` (plus `model.*`, `lora.*`, `train.seed` to rebuild the base), `data/manifests/val.json`, the test
+sets prepared under `data/testsets/` and `models/canary-qwen-medical-lora/`. Writes the DVC metric
+`metrics/eval.json`, one block per audio set: `val` (the split that also picked the checkpoint) and
+`test.<name>` for each of `eval.test_sets` (the headline: audio training never saw). Each block holds `finetuned`
+and `base` (WER, CER, raw WER, error counts, medical-term WER, RTFx) and `wer_reduction`, so `dvc metrics diff`
+shows the gain per set. `metrics/predictions.jsonl` has one row per utterance, model and set. Decoding is batched
+and greedy with the training prompt; WER is corpus-level on text normalised by stages/scoring.py.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from stages import StageError
+from stages import StageError, testsets
 from stages.files import jsonl, read_jsonl, write_json_atomic, write_text_atomic
 from stages.log import get_logger
 from stages.params import Params
@@ -24,6 +26,7 @@ from stages.scoring import normalize, score
 log = get_logger(__name__)
 
 MANIFEST = Path("data/manifests/val.json")
+TESTSETS_DIR = testsets.TESTSETS_DIR
 MODEL_DIR = Path("models/canary-qwen-medical-lora")
 METRICS_FILE = Path("metrics/eval.json")
 PREDICTIONS_FILE = Path("metrics/predictions.jsonl")
@@ -114,29 +117,43 @@ def evaluate(model: Any, name: str, rows: list[dict[str, Any]], base: Path, p: P
     return metrics, predictions
 
 
+def compare(models: dict[str, Any], audio_set: str, manifest: Path, p: Params) -> tuple[dict, list[dict]]:
+    """Both models on one manifest: their metrics side by side, the WER gain, and the tagged predictions."""
+    rows = read_jsonl(manifest)
+    block: dict[str, Any] = {}
+    predictions = []
+    for name, model in models.items():
+        block[name], preds = evaluate(model, name, rows, manifest.parent, p)
+        predictions += [{**row, "set": audio_set} for row in preds]
+        log.info("%s, %s: WER %s on %d utterances", audio_set, name, _pct(block[name]["wer"]), len(rows))
+    wers = (block["base"]["wer"], block["finetuned"]["wer"])
+    block["wer_reduction"] = None if None in wers else wers[0] - wers[1]
+    return block, predictions
+
+
 def run(
     p: Params,
     manifest: Path = MANIFEST,
     model_dir: Path = MODEL_DIR,
     metrics_file: Path = METRICS_FILE,
     predictions_file: Path = PREDICTIONS_FILE,
+    testsets_dir: Path = TESTSETS_DIR,
 ) -> dict[str, Any]:
-    rows = read_jsonl(manifest) if manifest.is_file() else []
-    if not rows:
+    if not (manifest.is_file() and read_jsonl(manifest)):
         raise StageError(f"{manifest} is missing or empty: nothing to evaluate (raise subset.val_size)")
+    test_manifests = testsets.manifests(p, testsets_dir)
+    missing = [str(m) for m in test_manifests.values() if not m.is_file()]
+    if missing:  # before loading any model
+        raise StageError(f"missing {', '.join(missing)}: run `medasr testsets` (or `dvc repro testsets`) first")
 
     from stages.model import base_model, load_model
 
-    finetuned = load_model(model_dir)
-    base = base_model(p.model, p.lora, p.train.seed)
-    results, predictions = {}, []
-    for name, model in (("finetuned", finetuned), ("base", base)):
-        results[name], preds = evaluate(model, name, rows, manifest.parent, p)
+    models = {"finetuned": load_model(model_dir), "base": base_model(p.model, p.lora, p.train.seed)}
+    metrics: dict[str, Any] = {"test": {}}
+    metrics["val"], predictions = compare(models, "val", manifest, p)
+    for name, test_manifest in test_manifests.items():
+        metrics["test"][name], preds = compare(models, name, test_manifest, p)
         predictions += preds
-        log.info("%s: WER %s on %d utterances", name, _pct(results[name]["wer"]), len(rows))
-    metrics = {**results["finetuned"], "base": results["base"]}
-    if results["finetuned"]["wer"] is not None and results["base"]["wer"] is not None:
-        metrics["wer_reduction"] = results["base"]["wer"] - results["finetuned"]["wer"]
     write_text_atomic(predictions_file, jsonl(predictions))
     write_json_atomic(metrics_file, metrics)
     return metrics

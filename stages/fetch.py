@@ -41,7 +41,7 @@ from stages import StageError
 from stages.audio import encode_flac
 from stages.files import atomic_dir, write_json_atomic
 from stages.log import get_logger
-from stages.params import FetchParams
+from stages.params import FetchParams, Params
 
 log = get_logger(__name__)
 
@@ -103,6 +103,21 @@ def resolve_source(dataset: str) -> Source:
     if _HUB_ID.match(dataset) and not dataset.startswith((".", "~")):
         return Source("hub", dataset)
     raise FetchError(f"fetch.dataset {dataset!r}: no such local path, and not a hub id of the form owner/name")
+
+
+def source_problems(p: Params) -> list[str]:
+    """Every configured dataset (fetch.dataset, each eval.test_sets entry) that is neither a hub id nor an existing
+    local source. Checked before the first download, so a typo in a test set's path never costs a training run."""
+    datasets = [("fetch.dataset", p.fetch.dataset)] + [
+        (f"eval.test_sets[{t.name}]", t.dataset) for t in p.eval.test_sets
+    ]
+    problems = []
+    for key, dataset in datasets:
+        try:
+            resolve_source(dataset)
+        except FetchError as exc:
+            problems.append(f"{key}: {exc}")
+    return problems
 
 
 def _open_with_datasets(source: Source, p: FetchParams) -> Any:

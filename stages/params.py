@@ -142,9 +142,33 @@ class TrainParams(_Block):
     )
 
 
+class TestSetParams(FetchParams):
+    """A held-out test set: read like `fetch.*`, prepared whole (no split, no cap beyond max_rows). Unlike the fetch
+    block, the keys besides name and dataset default to the usual values, so a list entry can stay one line."""
+
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9_-]*$", description="key in metrics/eval.json and folder under data/testsets/"
+    )
+    split: NonEmptyStr = "test"
+    audio_column: NonEmptyStr = "audio"
+    text_column: NonEmptyStr = "text"
+
+
 class EvalParams(_Block):
     batch_size: int = Field(gt=0, description="utterances decoded together")
     max_new_tokens: int = Field(gt=0, description="cap on generated tokens per utterance (greedy decoding)")
+    test_sets: list[TestSetParams] = Field(
+        description="held-out sets scored for both models besides val (the headline numbers); [] = val only"
+    )
+
+    @field_validator("test_sets")
+    @classmethod
+    def _unique_names(cls, test_sets: list[TestSetParams]) -> list[TestSetParams]:
+        names = [t.name for t in test_sets]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"test set names must be unique; repeated: {', '.join(repeated)}")
+        return test_sets
 
 
 class Params(_Block):

@@ -59,6 +59,7 @@ class Candidate:
     sample_rate: int
     channels: int
     text: str  # as in the source: the manifest stage applies the training-target normalisation
+    content: str  # hash of audio bytes + cleaned text: how a test set recognises a clip that is also in training
 
 
 def _hash01(*parts: str) -> float:
@@ -79,7 +80,9 @@ def rank_of(row_id: str, seed: int) -> float:
     return _hash01(str(seed), "rank", row_id)
 
 
-def screen(raw_dir: Path, p: SubsetParams) -> tuple[list[Candidate], list[dict[str, Any]], int]:
+def screen(
+    raw_dir: Path, min_duration: float, max_duration: float
+) -> tuple[list[Candidate], list[dict[str, Any]], int]:
     """Apply the row filters. Returns valid candidates, dropped rows (with reasons) and the number of rows read."""
     candidates: list[Candidate] = []
     dropped: list[dict[str, Any]] = []
@@ -118,17 +121,25 @@ def screen(raw_dir: Path, p: SubsetParams) -> tuple[list[Candidate], list[dict[s
             if audio.samples.shape[0] == 0:
                 drop("empty_audio", row_id=row_id)
                 continue
-            if audio.duration < p.min_duration:
+            if audio.duration < min_duration:
                 drop("too_short", f"{audio.duration:.3f}s", row_id)
                 continue
-            if audio.duration > p.max_duration:
+            if audio.duration > max_duration:
                 drop("too_long", f"{audio.duration:.3f}s", row_id)
                 continue
             seen_content.add(content)
             seen_ids.add(row_id)
             candidates.append(
                 Candidate(
-                    row_id, shard.name, i, row["group"], audio.duration, audio.sample_rate, audio.channels, row["text"]
+                    row_id,
+                    shard.name,
+                    i,
+                    row["group"],
+                    audio.duration,
+                    audio.sample_rate,
+                    audio.channels,
+                    row["text"],
+                    content,
                 )
             )
     return candidates, dropped, rows_in
@@ -166,7 +177,7 @@ def run(
 ) -> dict[str, Any]:
     if not any(raw_dir.glob("part-*.parquet")):
         raise StageError(f"{raw_dir} has no part-*.parquet: run `medasr fetch` (or `dvc repro fetch`) first")
-    candidates, dropped, rows_in = screen(raw_dir, p)
+    candidates, dropped, rows_in = screen(raw_dir, p.min_duration, p.max_duration)
     kept, over_cap = assign(candidates, p)
     dropped += [
         {"raw_file": c.raw_file, "raw_row": c.raw_row, "id": c.id, "reason": "over_cap", "detail": ""} for c in over_cap

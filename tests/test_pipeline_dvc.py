@@ -12,7 +12,7 @@ from helpers import VENV_BIN, run, scratch_clone, set_params, wav, write_audio_p
 pytestmark = pytest.mark.e2e
 
 DATA_STAGES = ("fetch", "subset", "manifest")
-STAGES = (*DATA_STAGES, "train", "eval")
+STAGES = (*DATA_STAGES, "testsets", "train", "eval")
 
 
 def ran(output: str) -> set[str]:
@@ -122,22 +122,36 @@ def test_make_demo_then_an_experiment_with_another_lora_rank(tmp_path):
     trained = json.loads((clone / "metrics" / "train.json").read_text())
     assert trained["global_step"] == 30 and trained["resume_source"] == "none" and trained["trainable_params"] > 0
 
-    # the stage's WER is exactly what jiwer says about the predictions it wrote
+    # the demo's held-out set: two bundled consultations in PriMock57's layout, 11 utterances, none in training
+    held_out = json.loads((clone / "metrics" / "testsets.json").read_text())
+    assert (
+        held_out["demo_consultations"]["kept"] == 11
+        and held_out["demo_consultations"]["dropped"]["overlaps_training"] == 0
+    )
+
+    # every set's WER, for both models, is exactly what jiwer says about the predictions the stage wrote
     import jiwer
 
     evaluated = json.loads((clone / "metrics" / "eval.json").read_text())
     rows = [json.loads(line) for line in (clone / "metrics" / "predictions.jsonl").read_text().splitlines()]
-    for name, wer in (("finetuned", evaluated["wer"]), ("base", evaluated["base"]["wer"])):
-        mine = [r for r in rows if r["model"] == name]
-        assert len(mine) == data["kept"]["val"] == evaluated["utterances"]
-        expected = jiwer.wer([r["reference_norm"] for r in mine], [r["hypothesis_norm"] for r in mine])
-        assert wer == pytest.approx(expected, abs=1e-12)
+    sets = {
+        "val": (evaluated["val"], data["kept"]["val"]),
+        "demo_consultations": (evaluated["test"]["demo_consultations"], 11),
+    }
+    for audio_set, (block, size) in sets.items():
+        for name in ("finetuned", "base"):
+            mine = [r for r in rows if r["model"] == name and r["set"] == audio_set]
+            assert len(mine) == size == block[name]["utterances"]
+            expected = jiwer.wer([r["reference_norm"] for r in mine], [r["hypothesis_norm"] for r in mine])
+            assert block[name]["wer"] == pytest.approx(expected, abs=1e-12)
+        assert block["wer_reduction"] == pytest.approx(block["base"]["wer"] - block["finetuned"]["wer"])
+    assert len(rows) == 2 * (data["kept"]["val"] + 11)
 
     again = run(clone, "dvc", "repro")
     assert skipped(again.stdout) == set(STAGES) and not ran(again.stdout)
     # the demo overrides live in the workspace; the committed params.yaml is unchanged in git
     committed = run(clone, "git", "show", "HEAD:params.yaml").stdout
-    assert "Hani89/medical_asr_recording_dataset" in committed
+    assert "yfyeung/medical" in committed
     assert "data/sources/demo" in (clone / "params.yaml").read_text()
 
     # keep the demo as the baseline, then try another adapter size: it trains fresh, not from the rank-8 run
@@ -148,5 +162,9 @@ def test_make_demo_then_an_experiment_with_another_lora_rank(tmp_path):
     rank16 = json.loads((clone / "metrics" / "train.json").read_text())
     assert rank16["resume_source"] == "none" and rank16["resumed_from_step"] == 0
     assert rank16["trainable_params"] > trained["trainable_params"]
-    diff = json.loads(run(clone, "dvc", "metrics", "diff", "--json").stdout)
+    diff = json.loads(run(clone, "dvc", "metrics", "diff", "--all", "--json").stdout)
     assert diff["metrics/train.json"]["trainable_params"]["diff"] > 0
+    # the held-out set's figures for both models are compared experiment to experiment, each under its own key
+    assert {"test.demo_consultations.finetuned.wer", "test.demo_consultations.base.wer"} <= diff[
+        "metrics/eval.json"
+    ].keys()

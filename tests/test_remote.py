@@ -179,7 +179,7 @@ def test_a_fresh_clone_without_dvc_lock_restores_every_finished_stage_from_s3(tm
     sh(second, sys.executable, "-m", "stages.cli", "remote", "setup")
     out = sh(second, "dvc", "repro", "--pull")
     assert "Running stage" not in out, out[-3000:]
-    assert len(re.findall(r"Stage '\w+' is cached - skipping run, checking out outputs", out)) == 5, out[-3000:]
-    for name in ("data.json", "train.json", "eval.json"):
+    assert len(re.findall(r"Stage '\w+' is cached - skipping run, checking out outputs", out)) == 6, out[-3000:]
+    for name in ("data.json", "testsets.json", "train.json", "eval.json"):
         assert (second / "metrics" / name).read_text() == (first / "metrics" / name).read_text()
     assert (second / "models" / "canary-qwen-medical-lora" / "medasr.json").is_file()

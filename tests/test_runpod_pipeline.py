@@ -38,7 +38,8 @@ def demo_params() -> dict[str, object]:
     block = makefile[makefile.index("DEMO_PARAMS :=") : makefile.index(".PHONY")]
     import yaml
 
-    return {k: yaml.safe_load(v) for k, v in re.findall(r"-S (\S+?)=(\S+)", block)}
+    overrides = re.findall(r"-S (?:'([^']*)'|(\S+))", block)  # -S key=value or -S 'key=value with spaces'
+    return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for pair in overrides for item in pair if item)}
 
 
 def pod_checkout(dest: Path, **overrides: object) -> Path:

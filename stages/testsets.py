@@ -1,0 +1,132 @@
+"""testsets stage: prepare the held-out test sets listed in `eval.test_sets`, each scored by the eval stage.
+
+A test set is read exactly as `fetch.*` reads the training data (hub id or any local layout), screened by the same
+filters as subset (`subset.min_duration`/`max_duration`, empty text, bad audio; every drop counted), and written
+like the manifest stage writes val (16 kHz mono FLAC, training-target text rules), but whole: no split, no cap
+beyond the set's own `max_rows`. A clip that is also in the training or val data (same audio and text, same
+source id, or same group, i.e. speaker/recording) is dropped as `overlaps_training`, so a test set pointed at the
+training source by mistake cannot report a flattering number.
+
+Writes `data/testsets/<name>/{manifest.json,audio/,dropped.jsonl,source.json}` and the DVC metric
+`metrics/testsets.json` (rows in, kept, hours and drops per set). An empty `eval.test_sets` writes an empty folder.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from stages import StageError
+from stages import fetch as fetch_stage
+from stages.files import atomic_dir, jsonl, read_jsonl, write_json_atomic
+from stages.log import get_logger
+from stages.manifest import AUDIO_SUBDIR, build_split
+from stages.params import FetchParams, Params, TestSetParams
+from stages.subset import DROP_REASONS, SPLITS, Candidate, screen
+
+log = get_logger(__name__)
+
+SUBSET_DIR = Path("data/subset")
+TESTSETS_DIR = Path("data/testsets")
+METRICS_FILE = Path("metrics/testsets.json")
+MANIFEST_NAME = "manifest.json"
+# subset's reasons minus the ones about splitting, plus the leak guard
+TEST_DROP_REASONS = (*(r for r in DROP_REASONS if r != "over_cap"), "overlaps_training")
+
+
+def training_keys(subset_dir: Path) -> dict[str, set[str]]:
+    """Content hashes, ids and groups of every clip in the train and val splits."""
+    keys: dict[str, set[str]] = {"content": set(), "id": set(), "group": set()}
+    for split in SPLITS:
+        for row in read_jsonl(subset_dir / f"{split}.jsonl"):
+            keys["content"].add(row["content"])
+            keys["id"].add(row["id"])
+            if row["group"] is not None:
+                keys["group"].add(row["group"])
+    return keys
+
+
+def overlap(c: Candidate, seen: dict[str, set[str]]) -> str | None:
+    """Why `c` counts as training data, or None."""
+    for key, value in (("content", c.content), ("id", c.id), ("group", c.group)):
+        if value is not None and value in seen[key]:
+            return f"same {key} as a training/val clip: {value}"
+    return None
+
+
+def prepare(ts: TestSetParams, p: Params, seen: dict[str, set[str]], out_dir: Path, work: Path) -> dict[str, Any]:
+    """Fetch, screen and write one test set into `out_dir`; returns its summary for metrics/testsets.json."""
+    fetch_params = FetchParams(**ts.model_dump(exclude={"name"}))
+    raw = work / "raw"
+    try:
+        source = fetch_stage.run(fetch_params, out_dir=raw)
+    except StageError as exc:
+        raise StageError(f"eval.test_sets[{ts.name}]: {exc}") from None
+    candidates, dropped, rows_in = screen(raw, p.subset.min_duration, p.subset.max_duration)
+    kept = []
+    for c in candidates:
+        why = overlap(c, seen)
+        if why:
+            dropped.append(
+                {"raw_file": c.raw_file, "raw_row": c.raw_row, "id": c.id, "reason": "overlaps_training", "detail": why}
+            )
+        else:
+            kept.append(c)
+    kept.sort(key=lambda c: c.id)
+    (out_dir / AUDIO_SUBDIR).mkdir(parents=True)
+    text, repairs = build_split([asdict(c) for c in kept], raw, out_dir, p.manifest)
+    (out_dir / MANIFEST_NAME).write_text(text, encoding="utf-8")
+    (out_dir / "dropped.jsonl").write_text(jsonl(dropped), encoding="utf-8")
+    write_json_atomic(out_dir / "source.json", source)
+    reasons = Counter(d["reason"] for d in dropped)
+    bad = {r: n for r, n in reasons.items() if n}
+    summary: dict[str, Any] = {
+        "rows_in": rows_in,
+        "kept": len(kept),
+        "hours": round(sum(c.duration for c in kept) / 3600, 4),
+        "dropped": {r: reasons.get(r, 0) for r in TEST_DROP_REASONS},
+        "resampled": repairs["resampled"],
+        "downmixed": repairs["downmixed"],
+    }
+    if not kept:
+        raise StageError(f"eval.test_sets[{ts.name}]: no usable utterance out of {rows_in} rows (dropped: {bad})")
+    log.info(
+        "test set %s: %d of %d rows (%.2f h); dropped %s",
+        ts.name,
+        len(kept),
+        rows_in,
+        summary["hours"],
+        bad or "none",
+    )
+    return summary
+
+
+def run(
+    p: Params, subset_dir: Path = SUBSET_DIR, out_dir: Path = TESTSETS_DIR, metrics_file: Path = METRICS_FILE
+) -> dict[str, Any]:
+    missing = [f"{subset_dir}/{s}.jsonl" for s in SPLITS if not (subset_dir / f"{s}.jsonl").is_file()]
+    if missing:
+        raise StageError(f"missing {', '.join(missing)}: run `medasr subset` (or `dvc repro subset`) first")
+    seen = training_keys(subset_dir)
+    summaries: dict[str, Any] = {}
+    with atomic_dir(out_dir) as tmp:
+        for ts in p.eval.test_sets:
+            # the raw shards are only a step on the way: kept beside the output (same disk), removed after
+            work = Path(tempfile.mkdtemp(dir=tmp.parent, prefix=f".{ts.name}-raw."))
+            try:
+                summaries[ts.name] = prepare(ts, p, seen, tmp / ts.name, work)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+    write_json_atomic(metrics_file, summaries)
+    if not summaries:
+        log.info("eval.test_sets is empty: eval scores the val split only")
+    return summaries
+
+
+def manifests(p: Params, base: Path = TESTSETS_DIR) -> dict[str, Path]:
+    """The prepared manifest of every configured test set, by name (what the eval stage reads)."""
+    return {ts.name: base / ts.name / MANIFEST_NAME for ts in p.eval.test_sets}

@@ -1,0 +1,115 @@
+"""testsets: held-out sets are prepared whole, cleaned like training targets, and never share a clip with training."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import yaml
+from helpers import DEMO_DATA, REPO, committed_params_text, tiny_params, tone
+
+from stages import StageError, testsets
+from stages.files import read_jsonl
+from stages.params import ParamsError
+
+CONSULTATIONS = REPO / "data" / "sources" / "demo-consultations"
+
+
+def prepare(tmp_path: Path, demo_manifests: Path, *test_sets: dict) -> dict:
+    p = tiny_params(**{"eval.test_sets": list(test_sets)})
+    root = demo_manifests.parent  # the session's demo data: raw/, subset/, manifests/
+    return testsets.run(p, root / "subset", tmp_path / "testsets", tmp_path / "testsets.json")
+
+
+def test_bundled_consultations_are_cut_cleaned_and_resampled(tmp_path, demo_manifests):
+    summary = prepare(tmp_path, demo_manifests, {"name": "consult", "dataset": str(CONSULTATIONS)})
+
+    rows = read_jsonl(tmp_path / "testsets" / "consult" / "manifest.json")
+    assert summary["consult"]["rows_in"] == summary["consult"]["kept"] == len(rows) == 11  # 6 + 5 turns
+    assert json.loads((tmp_path / "testsets.json").read_text()) == summary
+    texts = [r["text"] for r in rows]
+    assert "No, no fever, just the burning." in texts  # <UNSURE>No</UNSURE> keeps its word
+    assert "Okay, thank you doctor." in texts  # <UNIN/> is dropped
+    assert not any("<" in t for t in texts)
+    assert all(r["id"].startswith("demoday1_consultation0") for r in rows)
+    for r in rows:
+        info = sf.info(tmp_path / "testsets" / "consult" / r["audio_filepath"])
+        assert info.samplerate == 16_000 and info.channels == 1
+        assert info.duration == pytest.approx(r["duration"], abs=1e-3)
+    source = json.loads((tmp_path / "testsets" / "consult" / "source.json").read_text())
+    assert source["kind"] == "textgrid" and source["rows"] == 11
+    assert [p.name for p in (tmp_path).iterdir() if p.name.startswith(".")] == []  # raw scratch removed
+
+
+def test_clips_also_in_training_are_dropped_and_counted(tmp_path, demo_manifests):
+    """A NeMo manifest naming two of the training clips (same bytes, same text) and two new recordings."""
+    with open(DEMO_DATA / "metadata.csv", newline="", encoding="utf-8") as f:
+        demo = list(csv.DictReader(f))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    lines = [{"audio_filepath": str(DEMO_DATA / r["file_name"]), "text": r["text"]} for r in demo[:2]]
+    for i in range(2):
+        sf.write(mixed / f"new{i}.wav", tone(1.5, freq=300.0 + 50 * i), 16_000)
+        lines.append({"audio_filepath": f"new{i}.wav", "text": f"a new sentence number {i}"})
+    (mixed / "manifest.json").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    summary = prepare(tmp_path, demo_manifests, {"name": "mixed", "dataset": str(mixed / "manifest.json")})
+    assert summary["mixed"]["kept"] == 2 and summary["mixed"]["dropped"]["overlaps_training"] == 2
+    dropped = read_jsonl(tmp_path / "testsets" / "mixed" / "dropped.jsonl")
+    assert {d["reason"] for d in dropped} == {"overlaps_training"}
+    assert all(d["detail"].startswith("same content as a training/val clip") for d in dropped)
+
+
+def test_the_training_source_as_a_test_set_is_refused_and_old_output_kept(tmp_path, demo_manifests):
+    prepare(tmp_path, demo_manifests, {"name": "consult", "dataset": str(CONSULTATIONS)})
+    before = read_jsonl(tmp_path / "testsets" / "consult" / "manifest.json")
+    leaky = {"name": "leaky", "dataset": str(DEMO_DATA), "split": "train", "id_column": "utterance_id"}
+    with pytest.raises(StageError, match=r"eval.test_sets\[leaky\]: no usable utterance out of 48 rows.*overlaps"):
+        prepare(tmp_path, demo_manifests, {"name": "consult", "dataset": str(CONSULTATIONS)}, leaky)
+    assert read_jsonl(tmp_path / "testsets" / "consult" / "manifest.json") == before
+
+
+def test_no_test_sets_writes_an_empty_folder(tmp_path, demo_manifests):
+    assert prepare(tmp_path, demo_manifests) == {}
+    assert list((tmp_path / "testsets").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("entries", "problem"),
+    [
+        ([{"name": "a", "dataset": "x/y"}, {"name": "a", "dataset": "x/z"}], "repeated: a"),
+        ([{"name": "Bad Name", "dataset": "x/y"}], "eval.test_sets.0.name"),
+        ([{"name": "a"}], "eval.test_sets.0.dataset: required key is missing"),
+        ([{"name": "a", "dataset": "x/y", "colum": "text"}], "eval.test_sets.0.colum: unknown key"),
+    ],
+)
+def test_bad_test_set_entries_are_params_errors(entries, problem):
+    with pytest.raises(ParamsError) as info:
+        tiny_params(**{"eval.test_sets": entries})
+    assert any(problem in line for line in info.value.problems), info.value.problems
+
+
+def test_fetch_refuses_a_missing_local_test_set_before_reading_anything(tmp_path):
+    data = yaml.safe_load(committed_params_text())
+    data["fetch"] |= {"dataset": str(DEMO_DATA), "text_column": "text"}
+    data["eval"]["test_sets"] = [{"name": "primock57", "dataset": "data/sources/primock57"}]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "COLUMNS": "200"}
+    cmd = [sys.executable, "-m", "stages.cli", "fetch"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "eval.test_sets[primock57]: fetch.dataset 'data/sources/primock57'" in proc.stderr
+    assert "no such local path" in proc.stderr and not (tmp_path / "data").exists()
+
+
+def test_eval_names_a_missing_test_set_before_loading_a_model(tmp_path, demo_manifests):
+    from stages import eval as eval_stage
+
+    p = tiny_params(**{"eval.test_sets": [{"name": "consult", "dataset": str(CONSULTATIONS)}]})
+    with pytest.raises(StageError, match=r"testsets/consult/manifest.json: run `medasr testsets`"):
+        eval_stage.run(p, demo_manifests / "val.json", tmp_path / "no-model", testsets_dir=tmp_path / "testsets")
