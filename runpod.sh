@@ -122,7 +122,8 @@ clear_stale_locks() {
 
 pipeline() {
   local stage
-  for stage in fetch subset manifest train eval; do
+  # testsets before train: a test set that cannot be read fails before any GPU time is spent
+  for stage in fetch subset manifest testsets train eval; do
     dvc repro --pull "$stage" || return 1
     dvc push --run-cache || return 1
   done

@@ -172,7 +172,7 @@ def test_unreachable_hub_is_a_clear_error(tmp_path, committed_params):
 
     import yaml
 
-    committed_params["fetch"]["dataset"] = "someone/medical-speech"
+    committed_params["fetch"] |= {"dataset": "someone/medical-speech", "hub_download": "datasets"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(committed_params))
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run(
