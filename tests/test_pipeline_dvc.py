@@ -98,6 +98,26 @@ def test_repro_on_a_local_parquet_then_skips_and_reruns_only_what_changed(repo):
     shown = run(repo, "dvc", "metrics", "show", "--json")
     assert json.loads(shown.stdout)  # DVC reads metrics/data.json as a metric
 
+    # the rest of the pipeline on the same parquet, offline: the tiny model, and no hub test sets (val only)
+    set_params(
+        repo,
+        **{
+            "model.preset": "tiny",
+            "train.max_steps": 4,
+            "train.checkpoint_every": 2,
+            "train.batch_size": 4,
+            "train.val_every": 0,
+            "eval.max_new_tokens": 8,
+            "eval.test_sets": [],
+        },
+    )
+    whole = run(repo, "dvc", "repro")
+    assert ran(whole.stdout) == {"testsets", "train", "eval"}, whole.stdout
+    evaluated = json.loads((repo / "metrics" / "eval.json").read_text())
+    kept_val = json.loads((repo / "metrics" / "data.json").read_text())["kept"]["val"]
+    assert evaluated["test"] == {} and evaluated["val"]["finetuned"]["utterances"] == kept_val
+    assert json.loads((repo / "metrics" / "testsets.json").read_text()) == {}
+
 
 def test_bad_params_stop_the_stage_with_every_problem_listed(repo):
     set_params(repo, **{"subset.min_duration": 50.0, "subset.val_size": -2})
