@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import soundfile as sf
@@ -37,22 +38,37 @@ def decode(data: bytes | None) -> Audio:
     if not data:
         raise AudioDecodeError("no audio bytes")
     try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            samples, rate, subtype = f.read(dtype="float32", always_2d=True), f.samplerate, f.subtype
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         # libsndfile names the in-memory buffer ("Error opening <_io.BytesIO object at 0x..>: ..."): keep the reason
         reason = re.sub(r"^Error opening <[^>]*>:\s*", "", str(exc).strip()) or type(exc).__name__
         raise AudioDecodeError(f"not readable audio: {reason}") from None
-    if not np.isfinite(samples).all():
+    # only floating-point encodings can hold NaN or inf; integer PCM, FLAC and MP3 decode to finite values
+    if subtype in ("FLOAT", "DOUBLE") and not np.isfinite(samples).all():
         raise AudioDecodeError("audio contains NaN or infinite samples")
     return Audio(samples, int(rate))
 
 
 def to_model_input(audio: Audio, rate: int = TARGET_SAMPLE_RATE) -> np.ndarray:
     """Downmix to mono (channel mean) and resample with soxr's high-quality filter; returns float32 (frames,)."""
-    mono = audio.samples.mean(axis=1, dtype=np.float32)
+    if audio.channels == 1:
+        mono = audio.samples[:, 0]
+    else:  # a matrix-vector product (BLAS) averages interleaved channels ~10x faster than .mean(axis=1)
+        mono = audio.samples @ np.full(audio.channels, 1 / audio.channels, dtype=np.float32)
     if audio.sample_rate != rate:
         mono = soxr.resample(mono, audio.sample_rate, rate, quality="HQ").astype(np.float32, copy=False)
     return mono
+
+
+def write_model_input(job: tuple[bytes, Path]) -> tuple[float, bool, bool]:
+    """Decode one clip, downmix and resample it to 16 kHz mono, write it as FLAC; (duration, resampled, downmixed).
+    Shared by the manifest and testsets stages."""
+    data, path = job
+    audio = decode(data)
+    samples = to_model_input(audio)
+    path.write_bytes(encode_flac(samples, TARGET_SAMPLE_RATE))
+    return len(samples) / TARGET_SAMPLE_RATE, audio.sample_rate != TARGET_SAMPLE_RATE, audio.channels > 1
 
 
 def encode_flac(samples: np.ndarray, rate: int) -> bytes:
@@ -61,3 +77,25 @@ def encode_flac(samples: np.ndarray, rate: int) -> bytes:
     # Clip first: soxr's filter can overshoot full scale slightly, and libsndfile would wrap, not clip.
     sf.write(buf, np.clip(samples, -1.0, 1.0), rate, format="FLAC", subtype="PCM_16")
     return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What subset needs to know about a clip, or why it cannot be used."""
+
+    duration: float = 0.0
+    sample_rate: int = 0
+    channels: int = 0
+    problem: str | None = None  # drop reason: empty_audio / undecodable_audio
+    detail: str = ""
+
+
+def probe(data: bytes | None) -> Probe:
+    """Decode fully (a header alone would not catch truncated or corrupt audio) and keep only the facts."""
+    try:
+        audio = decode(data)
+    except AudioDecodeError as exc:
+        return Probe(problem="empty_audio" if not data else "undecodable_audio", detail=str(exc))
+    if audio.samples.shape[0] == 0:
+        return Probe(problem="empty_audio")
+    return Probe(audio.duration, audio.sample_rate, audio.channels)

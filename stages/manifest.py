@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from stages import StageError
-from stages.audio import TARGET_SAMPLE_RATE, decode, encode_flac, to_model_input
+from stages.audio import write_model_input
 from stages.files import atomic_dir, jsonl, read_jsonl
 from stages.log import get_logger
 from stages.params import ManifestParams
@@ -52,22 +52,23 @@ def load_raw_audio(raw_dir: Path, rows: list[dict[str, Any]]) -> dict[tuple[str,
     return out
 
 
-def build_split(rows: list[dict[str, Any]], raw_dir: Path, out_dir: Path, p: ManifestParams) -> tuple[str, Counter]:
-    """Write the audio files of one split; return its manifest text and counts of the repairs made."""
-    audio_bytes = load_raw_audio(raw_dir, rows)
+def build_split(
+    rows: list[dict[str, Any]], audio_bytes: dict[tuple[str, int], bytes], out_dir: Path, p: ManifestParams
+) -> tuple[str, Counter]:
+    """Write the audio files of one split from the raw bytes (load_raw_audio; each is released once written);
+    return its manifest text and counts of the repairs made."""
     repairs: Counter = Counter()
     lines = []
     for r in rows:
-        audio = decode(audio_bytes[(r["raw_file"], r["raw_row"])])
-        repairs["resampled"] += audio.sample_rate != TARGET_SAMPLE_RATE
-        repairs["downmixed"] += audio.channels > 1
-        samples = to_model_input(audio)
         relative = f"{AUDIO_SUBDIR}/{audio_name(r['id'])}"
-        (out_dir / relative).write_bytes(encode_flac(samples, TARGET_SAMPLE_RATE))
+        job = (audio_bytes.pop((r["raw_file"], r["raw_row"])), out_dir / relative)
+        duration, resampled, downmixed = write_model_input(job)
+        repairs["resampled"] += resampled
+        repairs["downmixed"] += downmixed
         lines.append(
             {
                 "audio_filepath": relative,
-                "duration": round(len(samples) / TARGET_SAMPLE_RATE, 6),
+                "duration": round(duration, 6),
                 "text": training_text(r["text"], p.text_normalization, p.annotation_tags, p.all_caps),
                 "id": r["id"],
             }
@@ -82,10 +83,11 @@ def run(
     if missing:
         raise StageError(f"missing {', '.join(missing)}: run `medasr subset` (or `dvc repro subset`) first")
     splits = {s: read_jsonl(subset_dir / f"{s}.jsonl") for s in SPLITS}
+    audio_bytes = load_raw_audio(raw_dir, [r for rows in splits.values() for r in rows])  # one read per shard
     with atomic_dir(out_dir) as tmp:
         (tmp / AUDIO_SUBDIR).mkdir()
         for split, rows in splits.items():
-            text, repairs = build_split(rows, raw_dir, tmp, p)
+            text, repairs = build_split(rows, audio_bytes, tmp, p)
             (tmp / f"{split}.json").write_text(text, encoding="utf-8")
             log.info(
                 "%s: %d clips -> %s (resampled %d, downmixed %d)",

@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from stages import StageError
-from stages.audio import AudioDecodeError, decode
+from stages.audio import probe
 from stages.files import atomic_dir, jsonl, write_json_atomic
 from stages.log import get_logger
 from stages.params import SubsetParams
@@ -113,19 +113,15 @@ def screen(
             if row_id in seen_ids:
                 drop("duplicate_id", "same id, different audio or text", row_id)
                 continue
-            try:
-                audio = decode(audio_bytes)
-            except AudioDecodeError as exc:
-                drop("empty_audio" if not audio_bytes else "undecodable_audio", str(exc), row_id)
+            clip = probe(audio_bytes)
+            if clip.problem:
+                drop(clip.problem, clip.detail, row_id)
                 continue
-            if audio.samples.shape[0] == 0:
-                drop("empty_audio", row_id=row_id)
+            if clip.duration < min_duration:
+                drop("too_short", f"{clip.duration:.3f}s", row_id)
                 continue
-            if audio.duration < min_duration:
-                drop("too_short", f"{audio.duration:.3f}s", row_id)
-                continue
-            if audio.duration > max_duration:
-                drop("too_long", f"{audio.duration:.3f}s", row_id)
+            if clip.duration > max_duration:
+                drop("too_long", f"{clip.duration:.3f}s", row_id)
                 continue
             seen_content.add(content)
             seen_ids.add(row_id)
@@ -135,9 +131,9 @@ def screen(
                     shard.name,
                     i,
                     row["group"],
-                    audio.duration,
-                    audio.sample_rate,
-                    audio.channels,
+                    clip.duration,
+                    clip.sample_rate,
+                    clip.channels,
                     row["text"],
                     content,
                 )

@@ -24,7 +24,7 @@ from stages import StageError
 from stages import fetch as fetch_stage
 from stages.files import atomic_dir, jsonl, read_jsonl, write_json_atomic
 from stages.log import get_logger
-from stages.manifest import AUDIO_SUBDIR, build_split
+from stages.manifest import AUDIO_SUBDIR, build_split, load_raw_audio
 from stages.params import FetchParams, Params, TestSetParams
 from stages.subset import DROP_REASONS, SPLITS, Candidate, screen
 
@@ -78,7 +78,8 @@ def prepare(ts: TestSetParams, p: Params, seen: dict[str, set[str]], out_dir: Pa
             kept.append(c)
     kept.sort(key=lambda c: c.id)
     (out_dir / AUDIO_SUBDIR).mkdir(parents=True)
-    text, repairs = build_split([asdict(c) for c in kept], raw, out_dir, p.manifest)
+    rows = [asdict(c) for c in kept]
+    text, repairs = build_split(rows, load_raw_audio(raw, rows), out_dir, p.manifest)
     (out_dir / MANIFEST_NAME).write_text(text, encoding="utf-8")
     (out_dir / "dropped.jsonl").write_text(jsonl(dropped), encoding="utf-8")
     write_json_atomic(out_dir / "source.json", source)

@@ -51,3 +51,21 @@ def test_corrupt_or_empty_bytes_raise_a_clear_error(data, match):
 def test_zero_length_audio_decodes_to_no_frames():
     audio = decode(audio_bytes(np.zeros(0, dtype=np.float32)))
     assert audio.samples.shape[0] == 0 and audio.duration == 0
+
+
+def test_float_audio_with_nan_is_refused_but_integer_pcm_is_not_scanned():
+    import io
+
+    import soundfile as sf
+
+    from stages.audio import AudioDecodeError, decode
+
+    samples = np.zeros(1600, dtype=np.float32)
+    samples[100] = np.nan
+    buf = io.BytesIO()
+    sf.write(buf, samples, 16_000, format="WAV", subtype="FLOAT")
+    with pytest.raises(AudioDecodeError, match="NaN or infinite"):
+        decode(buf.getvalue())
+    pcm = io.BytesIO()
+    sf.write(pcm, np.zeros(1600, dtype=np.float32), 16_000, format="WAV", subtype="PCM_16")
+    assert decode(pcm.getvalue()).duration == pytest.approx(0.1)
