@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import soundfile as sf
@@ -61,41 +60,9 @@ def to_model_input(audio: Audio, rate: int = TARGET_SAMPLE_RATE) -> np.ndarray:
     return mono
 
 
-def write_model_input(job: tuple[bytes, Path]) -> tuple[float, bool, bool]:
-    """Decode one clip, downmix and resample it to 16 kHz mono, write it as FLAC; (duration, resampled, downmixed).
-    Shared by the manifest and testsets stages."""
-    data, path = job
-    audio = decode(data)
-    samples = to_model_input(audio)
-    path.write_bytes(encode_flac(samples, TARGET_SAMPLE_RATE))
-    return len(samples) / TARGET_SAMPLE_RATE, audio.sample_rate != TARGET_SAMPLE_RATE, audio.channels > 1
-
-
 def encode_flac(samples: np.ndarray, rate: int) -> bytes:
     """16-bit FLAC: lossless for what the model hears, about half the size of WAV in the DVC cache."""
     buf = io.BytesIO()
     # Clip first: soxr's filter can overshoot full scale slightly, and libsndfile would wrap, not clip.
     sf.write(buf, np.clip(samples, -1.0, 1.0), rate, format="FLAC", subtype="PCM_16")
     return buf.getvalue()
-
-
-@dataclass(frozen=True)
-class Probe:
-    """What subset needs to know about a clip, or why it cannot be used."""
-
-    duration: float = 0.0
-    sample_rate: int = 0
-    channels: int = 0
-    problem: str | None = None  # drop reason: empty_audio / undecodable_audio
-    detail: str = ""
-
-
-def probe(data: bytes | None) -> Probe:
-    """Decode fully (a header alone would not catch truncated or corrupt audio) and keep only the facts."""
-    try:
-        audio = decode(data)
-    except AudioDecodeError as exc:
-        return Probe(problem="empty_audio" if not data else "undecodable_audio", detail=str(exc))
-    if audio.samples.shape[0] == 0:
-        return Probe(problem="empty_audio")
-    return Probe(audio.duration, audio.sample_rate, audio.channels)

@@ -117,13 +117,15 @@ def evaluate(model: Any, name: str, rows: list[dict[str, Any]], base: Path, p: P
     return metrics, predictions
 
 
-def compare(models: dict[str, Any], audio_set: str, manifest: Path, p: Params) -> tuple[dict, list[dict]]:
-    """Both models on one manifest: their metrics side by side, the WER gain, and the tagged predictions."""
-    rows = read_jsonl(manifest)
+def compare(
+    models: dict[str, Any], audio_set: str, rows: list[dict[str, Any]], base: Path, p: Params
+) -> tuple[dict, list[dict]]:
+    """Both models on one manifest's rows (audio paths relative to `base`): their metrics side by side, the WER
+    gain, and the tagged predictions."""
     block: dict[str, Any] = {}
     predictions = []
     for name, model in models.items():
-        block[name], preds = evaluate(model, name, rows, manifest.parent, p)
+        block[name], preds = evaluate(model, name, rows, base, p)
         predictions += [{**row, "set": audio_set} for row in preds]
         log.info("%s, %s: WER %s on %d utterances", audio_set, name, _pct(block[name]["wer"]), len(rows))
     wers = (block["base"]["wer"], block["finetuned"]["wer"])
@@ -139,7 +141,8 @@ def run(
     predictions_file: Path = PREDICTIONS_FILE,
     testsets_dir: Path = TESTSETS_DIR,
 ) -> dict[str, Any]:
-    if not (manifest.is_file() and read_jsonl(manifest)):
+    val_rows = read_jsonl(manifest) if manifest.is_file() else []
+    if not val_rows:
         raise StageError(f"{manifest} is missing or empty: nothing to evaluate (raise subset.val_size)")
     test_manifests = testsets.manifests(p, testsets_dir)
     missing = [str(m) for m in test_manifests.values() if not m.is_file()]
@@ -150,9 +153,9 @@ def run(
 
     models = {"finetuned": load_model(model_dir), "base": base_model(p.model, p.lora, p.train.seed)}
     metrics: dict[str, Any] = {"test": {}}
-    metrics["val"], predictions = compare(models, "val", manifest, p)
+    metrics["val"], predictions = compare(models, "val", val_rows, manifest.parent, p)
     for name, test_manifest in test_manifests.items():
-        metrics["test"][name], preds = compare(models, name, test_manifest, p)
+        metrics["test"][name], preds = compare(models, name, read_jsonl(test_manifest), test_manifest.parent, p)
         predictions += preds
     write_text_atomic(predictions_file, jsonl(predictions))
     write_json_atomic(metrics_file, metrics)

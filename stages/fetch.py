@@ -305,13 +305,14 @@ def iter_textgrid_rows(source: Source, skipped: dict[str, int]) -> Iterator[dict
             log.warning("%s skipped, not a readable TextGrid: %s", grid, exc)
             continue
         file = audio.get(grid.stem)
-        tiers = [tg.getTier(name) for name in tg.tierNames]
+        # point tiers (TextTier) mark instants, not utterances: nothing to cut
+        tiers = [t for t in map(tg.getTier, tg.tierNames) if isinstance(t, textgrid.IntervalTier)]
         for tier in tiers:
             # PriMock57 names a channel's file `<consultation>_<speaker>` and its only tier `<Speaker>`
             suffix = f"_{tier.name.lower()}"
             group = grid.stem[: -len(suffix)] if grid.stem.lower().endswith(suffix) else grid.stem
             prefix = grid.stem if len(tiers) == 1 else f"{grid.stem}-{tier.name}"
-            for start, end, label in getattr(tier, "entries", ()):  # point tiers have no intervals: nothing to cut
+            for start, end, label in tier.entries:
                 if not label.strip():
                     continue
                 yield {
@@ -418,9 +419,7 @@ def run(p: FetchParams, out_dir: Path = RAW_DIR) -> dict[str, Any]:
     source = resolve_source(p.dataset)
     snapshot = source.kind == "hub" and p.hub_download == "snapshot"
     if snapshot:
-        source = resolve_source(str(hub_snapshot(p)))
-        if source.kind == "hub":  # cannot happen for an existing folder; keeps the type checker honest
-            raise FetchError(f"{p.dataset}: the snapshot is not a local layout")
+        source = resolve_source(str(hub_snapshot(p)))  # an existing folder: always a local layout, or an error
     elif source.kind != "hub":
         ignored = [k for k in ("revision", "config") if getattr(p, k) is not None]
         if ignored:

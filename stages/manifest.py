@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from stages import StageError
-from stages.audio import write_model_input
+from stages.audio import TARGET_SAMPLE_RATE, decode, encode_flac, to_model_input
 from stages.files import atomic_dir, jsonl, read_jsonl
 from stages.log import get_logger
 from stages.params import ManifestParams
@@ -60,15 +60,16 @@ def build_split(
     repairs: Counter = Counter()
     lines = []
     for r in rows:
+        audio = decode(audio_bytes.pop((r["raw_file"], r["raw_row"])))
+        repairs["resampled"] += audio.sample_rate != TARGET_SAMPLE_RATE
+        repairs["downmixed"] += audio.channels > 1
+        samples = to_model_input(audio)
         relative = f"{AUDIO_SUBDIR}/{audio_name(r['id'])}"
-        job = (audio_bytes.pop((r["raw_file"], r["raw_row"])), out_dir / relative)
-        duration, resampled, downmixed = write_model_input(job)
-        repairs["resampled"] += resampled
-        repairs["downmixed"] += downmixed
+        (out_dir / relative).write_bytes(encode_flac(samples, TARGET_SAMPLE_RATE))
         lines.append(
             {
                 "audio_filepath": relative,
-                "duration": round(duration, 6),
+                "duration": round(len(samples) / TARGET_SAMPLE_RATE, 6),
                 "text": training_text(r["text"], p.text_normalization, p.annotation_tags, p.all_caps),
                 "id": r["id"],
             }

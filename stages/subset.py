@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from stages import StageError
-from stages.audio import probe
+from stages.audio import AudioDecodeError, decode
 from stages.files import atomic_dir, jsonl, write_json_atomic
 from stages.log import get_logger
 from stages.params import SubsetParams
@@ -113,15 +113,19 @@ def screen(
             if row_id in seen_ids:
                 drop("duplicate_id", "same id, different audio or text", row_id)
                 continue
-            clip = probe(audio_bytes)
-            if clip.problem:
-                drop(clip.problem, clip.detail, row_id)
+            try:
+                audio = decode(audio_bytes)
+            except AudioDecodeError as exc:
+                drop("empty_audio" if not audio_bytes else "undecodable_audio", str(exc), row_id)
                 continue
-            if clip.duration < min_duration:
-                drop("too_short", f"{clip.duration:.3f}s", row_id)
+            if audio.samples.shape[0] == 0:
+                drop("empty_audio", row_id=row_id)
                 continue
-            if clip.duration > max_duration:
-                drop("too_long", f"{clip.duration:.3f}s", row_id)
+            if audio.duration < min_duration:
+                drop("too_short", f"{audio.duration:.3f}s", row_id)
+                continue
+            if audio.duration > max_duration:
+                drop("too_long", f"{audio.duration:.3f}s", row_id)
                 continue
             seen_content.add(content)
             seen_ids.add(row_id)
@@ -131,9 +135,9 @@ def screen(
                     shard.name,
                     i,
                     row["group"],
-                    clip.duration,
-                    clip.sample_rate,
-                    clip.channels,
+                    audio.duration,
+                    audio.sample_rate,
+                    audio.channels,
                     row["text"],
                     content,
                 )

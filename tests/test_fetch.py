@@ -392,3 +392,27 @@ def test_hub_snapshot_of_the_osce_repo_is_unpacked_once_and_read_as_a_segment_li
     proc = fetch_cli()
     assert proc.returncode == 1 and "could not download hub dataset 'yfyeung/medical'" in proc.stderr
     assert "Traceback" not in proc.stderr and raw_rows(tmp_path / "data" / "raw") == rows  # old output kept
+
+
+def test_textgrid_point_tiers_are_ignored_and_several_interval_tiers_named(tmp_path):
+    """Praat TextGrids may also hold point tiers (TextTier: instants, nothing to cut) and more than one interval
+    tier; each interval tier's clips then carry the tier name in their id."""
+    import soundfile as sf
+    from helpers import tone
+    from praatio import textgrid as tgio
+
+    corpus = tmp_path / "grids"
+    corpus.mkdir()
+    sf.write(corpus / "visit.wav", tone(4.0), 16_000, subtype="PCM_16")
+    grid = tgio.Textgrid()
+    grid.addTier(tgio.IntervalTier("Doctor", [(0.5, 1.5, "Any pain?")], 0, 4.0))
+    grid.addTier(tgio.IntervalTier("Patient", [(2.0, 3.0, "A little.")], 0, 4.0))
+    grid.addTier(tgio.PointTier("events", [(1.7, "door")], 0, 4.0))
+    grid.save(str(corpus / "visit.TextGrid"), format="long_textgrid", includeBlankSpaces=True)
+
+    info = fetch.run(params(corpus), out_dir=tmp_path / "raw")
+    assert info["kind"] == "textgrid" and info["skipped"] == {}
+    assert [(r["source_id"], r["text"]) for r in raw_rows(tmp_path / "raw")] == [
+        ("visit-Doctor-00000500-00001500", "Any pain?"),
+        ("visit-Patient-00002000-00003000", "A little."),
+    ]
