@@ -201,7 +201,8 @@ def run_env() -> dict[str, str]:
     env["WANDB_MODE"] = "offline"
     # where `medasr remote setup` puts a local-directory remote: never the developer's home, and new for each test
     # session, so no test resumes a checkpoint another run mirrored there
-    env.setdefault("MEDASR_WORKDIR", SESSION_WORKDIR)
+    # (set, not defaulted: a MEDASR_WORKDIR from the caller's shell would share its mirrored checkpoints)
+    env["MEDASR_WORKDIR"] = SESSION_WORKDIR
     return env
 
 
