@@ -126,12 +126,28 @@ class TrainParams(_Block):
     seed: int
     checkpoint_every: int = Field(gt=0, description="steps between resumable checkpoints")
     keep_checkpoints: int = Field(ge=1, description="resumable checkpoints kept (newest first)")
-    batch_size: int = Field(gt=0)
+    batch_size: int = Field(gt=0, description="utterances per batch (with batch_tokens set: the most per batch)")
+    batch_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="token budget per batch: audio frames (12.5 per second) + prompt and transcript tokens, so a "
+        "batch of short clips holds more of them; null = always batch_size utterances (NeMo's example config)",
+    )
+    num_buckets: int = Field(
+        ge=1, description="length buckets: a batch draws clips of similar length, so little of it is padding; 1 = off"
+    )
+    grad_checkpointing: bool = Field(
+        description="recompute the LLM's activations in backward: less memory, more compute; pays when memory, "
+        "not compute, limits the batch"
+    )
+    num_workers: int = Field(ge=0, description="dataloader worker processes decoding audio beside the GPU; 0 = inline")
     lr: float = Field(gt=0)
     warmup_steps: int = Field(ge=0)
     weight_decay: float = Field(ge=0)
     grad_clip: float = Field(ge=0, description="gradient norm clip; 0 = off")
-    optimizer: Literal["adamw", "adamw8bit"] = Field(description="adamw8bit (bitsandbytes) needs a GPU")
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        description="adamw: torch's AdamW, fused kernel on GPU; adamw8bit: bitsandbytes' 8-bit states (GPU only)"
+    )
     precision: Literal["auto", "32", "bf16"] = Field(description="auto: bf16 on GPU, fp32 on CPU")
     val_every: int = Field(ge=0, description="steps between validations (loss + greedy WER); 0 = never")
     val_max_utts: int = Field(gt=0, description="validation uses this fixed slice of the val split")

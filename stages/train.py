@@ -58,6 +58,7 @@ NOT_FINGERPRINTED = {
     "early_stop_patience",
     "early_stop_delta",
     "stop_grace_s",
+    "num_workers",  # decoding in workers or inline yields the same batches
 }
 # Files beside the checkpoints that travel with each one (to the remote and back): the W&B run id, the DVCLive
 # history and the best-by-WER adapter.
@@ -233,6 +234,7 @@ def _callbacks(
             self.best_wer: float | None = None  # the best adapter's step is in best/meta.json
             self.bad_evals = 0
             self.last_loss: float | None = None
+            self.stepped = False
 
         # --- checkpoint contents ---
         def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
@@ -284,6 +286,15 @@ def _callbacks(
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             step = trainer.global_step
+            if not self.stepped:  # what a (re)start costs before training continues; bench/ reads this line
+                import psutil
+
+                self.stepped = True
+                log.info(
+                    "first training step of this process (step %d) done %.1f s after process start",
+                    step,
+                    time.time() - psutil.Process().create_time(),
+                )
             self.epoch_batches += 1
             self.last_loss = float(outputs["loss"]) if outputs is not None else self.last_loss
             if p.train.val_every and step % p.train.val_every == 0:
@@ -424,8 +435,8 @@ def data_config(manifest_dir: Path, p: Params) -> dict[str, Any]:
     common = {
         "sample_rate": 16000,
         "prompt_format": "qwen",
-        "token_equivalent_duration": 0.08,
-        "num_workers": 0,
+        "token_equivalent_duration": 0.08,  # seconds of audio per encoder frame: 12.5 frames (tokens) per second
+        "num_workers": p.train.num_workers,
         "batch_size": p.train.batch_size,
         "max_duration": 40.0,
         "use_lhotse": True,
@@ -439,14 +450,36 @@ def data_config(manifest_dir: Path, p: Params) -> dict[str, Any]:
             "seed": p.train.seed,
             "shard_seed": p.train.seed,
             **common,
+            **batching_config(p),
         },
         "validation_ds": {"datasets": {"val": {"input_cfg": source("val")}}, **common},
     }
 
 
-def optimizer_config(p: Params) -> tuple[dict[str, Any], dict[str, Any]]:
-    opt = "bitsandbytes.optim.AdamW8bit" if p.train.optimizer == "adamw8bit" else "torch.optim.AdamW"
-    optimizer = {"_target_": opt, "lr": p.train.lr, "betas": [0.9, 0.98], "weight_decay": p.train.weight_decay}
+def batching_config(p: Params) -> dict[str, Any]:
+    """How training batches are drawn. Fixed `batch_size` batches (NeMo's example config) unless a token budget
+    or length buckets are set; then lhotse measures each example as audio frames + text tokens (NeMo's multimodal
+    sampling) and, with buckets, a DynamicBucketingSampler draws each batch from clips of similar length.
+    Bucket bins are estimated by lhotse from the training manifest. Its background bucket filler is off: with
+    it, which clips are ready when a batch is drawn depends on thread timing, and resume replays the draws."""
+    if p.train.batch_tokens is None and p.train.num_buckets == 1:
+        return {}
+    return {
+        "use_multimodal_sampling": True,
+        "measure_total_length": True,  # audio frames + prompt + transcript: what the LLM's sequence holds
+        "batch_tokens": p.train.batch_tokens,
+        "use_bucketing": p.train.num_buckets > 1,
+        "num_buckets": p.train.num_buckets,
+        "concurrent_bucketing": False,
+    }
+
+
+def optimizer_config(p: Params, gpu: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    optimizer: dict[str, Any] = {"lr": p.train.lr, "betas": [0.9, 0.98], "weight_decay": p.train.weight_decay}
+    if p.train.optimizer == "adamw8bit":
+        optimizer["_target_"] = "bitsandbytes.optim.AdamW8bit"
+    else:  # one fused CUDA kernel per step instead of NeMo's example's `foreach` loop over tensors
+        optimizer |= {"_target_": "torch.optim.AdamW", "fused": gpu}
     schedule = {
         "_target_": "nemo.core.optim.lr_scheduler.CosineAnnealing",
         "warmup_steps": p.train.warmup_steps,
@@ -454,6 +487,62 @@ def optimizer_config(p: Params) -> tuple[dict[str, Any], dict[str, Any]]:
         "max_steps": p.train.max_steps,
     }
     return optimizer, schedule
+
+
+def prepare_model(model: Any, p: Params, gpu: bool) -> int:
+    """Optimizer, schedule, freeze policy and activation checkpointing, as training needs them; returns the number of
+    trainable parameters."""
+    from omegaconf import open_dict
+
+    from stages.model import apply_freeze
+
+    optimizer, schedule = optimizer_config(p, gpu)
+    with open_dict(model.cfg):
+        model.cfg.optimizer, model.cfg.lr_scheduler = optimizer, schedule
+    trainable = apply_freeze(model)
+    log.info("trainable parameters: %s of %s", f"{trainable:,}", f"{sum(x.numel() for x in model.parameters()):,}")
+    model.strict_loading = False  # checkpoints hold only what training changes (see trained_state)
+    if p.train.grad_checkpointing:
+        # Only the LLM: it holds most activations (28 layers over audio frames + text). The encoder's own
+        # activations stay stored. SALM keeps the LLM in train mode when LoRA trains in it, which HF's
+        # checkpointing requires; non-reentrant, so gradients reach the encoder through the LLM's input.
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return trainable
+
+
+def make_datamodule(model: Any, manifest_dir: Path, p: Params) -> Any:
+    """NeMo's DataModule + SALMDataset over the manifests, able to start at a saved data position."""
+    from nemo.collections.speechlm2.data import DataModule, SALMDataset
+    from omegaconf import OmegaConf
+
+    return _resumable_datamodule(DataModule)(
+        OmegaConf.create(data_config(manifest_dir, p)), tokenizer=model.tokenizer, dataset=SALMDataset(model.tokenizer)
+    )
+
+
+def make_trainer(p: Params, gpu: bool, callbacks: list[Any], trackers: Any) -> Any:
+    """The Lightning Trainer: bf16 on GPUs (DDP across several), fp32 on CPU."""
+    import torch
+    from lightning import Trainer
+
+    return Trainer(
+        max_steps=p.train.max_steps,
+        accelerator="gpu" if gpu else "cpu",
+        devices="auto" if gpu else 1,
+        strategy="ddp" if gpu and torch.cuda.device_count() > 1 else "auto",
+        precision="bf16-true" if gpu and p.train.precision != "32" else "32-true",
+        gradient_clip_val=p.train.grad_clip or None,
+        use_distributed_sampler=False,  # lhotse samplers shard by rank themselves
+        limit_val_batches=max(1, -(-p.train.val_max_utts // p.train.batch_size)) if p.train.val_every else 0,
+        val_check_interval=p.train.val_every or None,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        logger=trackers,
+        log_every_n_steps=min(10, p.train.checkpoint_every),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=callbacks,
+    )
 
 
 def run(
@@ -494,47 +583,20 @@ def run(
     uploader = Uploader(mirror, p.train.keep_checkpoints) if mirror else None
     stop: dict[str, int | None] = {"signal": None}
 
-    from lightning import Trainer, seed_everything
-    from nemo.collections.speechlm2.data import DataModule, SALMDataset
-    from omegaconf import OmegaConf, open_dict
+    from lightning import seed_everything
 
-    from stages.model import apply_freeze, build_model, export
+    from stages.model import build_model, export
     from stages.tracking import loggers, publish_curves
 
     seed_everything(p.train.seed, workers=True)
+    gpu = torch.cuda.is_available()
     model = build_model(p.model, p.lora, p.train.seed, run_dir)
-    optimizer, schedule = optimizer_config(p)
-    with open_dict(model.cfg):
-        model.cfg.optimizer, model.cfg.lr_scheduler = optimizer, schedule
-    trainable = apply_freeze(model)
-    log.info("trainable parameters: %s of %s", f"{trainable:,}", f"{sum(x.numel() for x in model.parameters()):,}")
-    model.strict_loading = False  # checkpoints hold only what training changes (see trained_state)
-
-    datamodule = _resumable_datamodule(DataModule)(
-        OmegaConf.create(data_config(manifest_dir, p)), tokenizer=model.tokenizer, dataset=SALMDataset(model.tokenizer)
-    )
+    trainable = prepare_model(model, p, gpu)
+    datamodule = make_datamodule(model, manifest_dir, p)
     datamodule.position = (resume.meta["epoch"], resume.meta["epoch_batches"]) if resume else None
     callback = _callbacks(p, fp, run_dir, val_rows[: p.train.val_max_utts], manifest_dir, uploader, stop)
     trackers, wandb_run = loggers(p, run_dir, fp, resume.step if resume else None)
-    gpu = torch.cuda.is_available()
-    trainer = Trainer(
-        max_steps=p.train.max_steps,
-        accelerator="gpu" if gpu else "cpu",
-        devices="auto" if gpu else 1,
-        strategy="ddp" if gpu and torch.cuda.device_count() > 1 else "auto",
-        precision="bf16-true" if gpu and p.train.precision != "32" else "32-true",
-        gradient_clip_val=p.train.grad_clip or None,
-        use_distributed_sampler=False,  # lhotse samplers shard by rank themselves
-        limit_val_batches=max(1, -(-p.train.val_max_utts // p.train.batch_size)) if p.train.val_every else 0,
-        val_check_interval=p.train.val_every or None,
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        logger=trackers,
-        log_every_n_steps=min(10, p.train.checkpoint_every),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        callbacks=[callback],
-    )
+    trainer = make_trainer(p, gpu, [callback], trackers)
     if resume and resume.step >= p.train.max_steps:
         log.info("checkpoint at step %d already reaches max_steps=%d: exporting it", resume.step, p.train.max_steps)
     with _stop_signals_set_flag(stop):
