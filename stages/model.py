@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from stages import StageError
 from stages.log import get_logger
@@ -131,11 +131,24 @@ def lora_config(p: LoraParams) -> dict[str, Any]:
     }
 
 
-def _tiny_llm_dir(out: Path, seed: int) -> Path:
-    """A tiny Qwen3 causal LM plus a BPE tokenizer with Qwen's chat special tokens, saved HF-style in `out`."""
-    import torch
+TINY_LLM = {
+    "hidden_size": TINY["hidden"],
+    "intermediate_size": TINY["ffn"],
+    "num_hidden_layers": TINY["layers"],
+    "num_attention_heads": TINY["heads"],
+    "num_key_value_heads": TINY["kv_heads"],
+    "head_dim": TINY["head_dim"],
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 4096,
+}
+
+
+def random_llm_dir(out: Path, shape: dict[str, Any]) -> Path:
+    """An HF folder NeMo can build a random-weight Qwen3 LLM from (`pretrained_weights: False` reads only the
+    config): a byte-level BPE tokenizer with Qwen's chat special tokens, trained on a corpus shipped in this
+    package, and a Qwen3Config of `shape` (TINY_LLM, or RELEASED_LLM for canary-qwen's full size)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+    from transformers import PreTrainedTokenizerFast, Qwen3Config
 
     corpus = resources.files("stages.resources").joinpath("tokenizer_corpus.txt").read_text(encoding="utf-8")
     lines = [line for line in corpus.splitlines() if line and not line.startswith("#")]
@@ -154,21 +167,14 @@ def _tiny_llm_dir(out: Path, seed: int) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     fast.save_pretrained(out)
     config = Qwen3Config(
-        vocab_size=len(fast) + 8,  # room for the audio tag NeMo adds as a special token
-        hidden_size=TINY["hidden"],
-        intermediate_size=TINY["ffn"],
-        num_hidden_layers=TINY["layers"],
-        num_attention_heads=TINY["heads"],
-        num_key_value_heads=TINY["kv_heads"],
-        head_dim=TINY["head_dim"],
-        tie_word_embeddings=True,
+        # the released vocabulary size when given (embedding and LM-head cost); else room for the audio tag
+        vocab_size=shape.get("vocab_size", len(fast) + 8),
+        **{k: v for k, v in shape.items() if k != "vocab_size"},
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,
         bos_token_id=None,
-        max_position_embeddings=4096,
     )
-    torch.manual_seed(seed)
-    Qwen3ForCausalLM(config).save_pretrained(out)
+    config.save_pretrained(out)
     return out
 
 
@@ -221,11 +227,25 @@ def salm_config(
 
 def build_tiny(lora: LoraParams, trainable: Sequence[str], seed: int, llm_dir: Path) -> SALM:
     """The tiny preset. Deterministic for `seed`: the same call always gives bit-identical weights."""
+    return build_random("tiny", lora, trainable, seed, llm_dir)
+
+
+def build_random(
+    size: Literal["tiny", "full"], lora: LoraParams, trainable: Sequence[str], seed: int, llm_dir: Path
+) -> SALM:
+    """A SALM with random weights, built offline: `tiny` (tests, demo) or `full`, canary-qwen-2.5b's architecture
+    at its released shapes (benchmarks: speed and memory do not depend on the weights). Deterministic for `seed`.
+    Built on torch's current default device (a `with torch.device("cuda"):` block builds it on the GPU)."""
     import torch
     from nemo.collections.speechlm2.models import SALM
 
-    _tiny_llm_dir(llm_dir, seed)
-    cfg = salm_config(str(llm_dir), "none (tiny preset)", _tiny_perception(TINY["hidden"]), trainable, lora, False)
+    if size == "tiny":
+        random_llm_dir(llm_dir, TINY_LLM)
+        perception = _tiny_perception(TINY["hidden"])
+    else:
+        random_llm_dir(llm_dir, RELEASED_LLM)
+        perception = copy.deepcopy(RELEASED_PERCEPTION)
+    cfg = salm_config(str(llm_dir), f"none (random {size})", perception, trainable, lora, False)
     torch.manual_seed(seed)
     return SALM(cfg)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
 import time
@@ -436,7 +437,7 @@ def data_config(manifest_dir: Path, p: Params) -> dict[str, Any]:
         "sample_rate": 16000,
         "prompt_format": "qwen",
         "token_equivalent_duration": 0.08,  # seconds of audio per encoder frame: 12.5 frames (tokens) per second
-        "num_workers": p.train.num_workers,
+        "num_workers": min(p.train.num_workers, len(os.sched_getaffinity(0))),  # more than cores only thrashes
         "batch_size": p.train.batch_size,
         "max_duration": 40.0,
         "use_lhotse": True,

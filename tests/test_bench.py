@@ -1,4 +1,5 @@
-"""bench/: the benchmark scripts keep running (their figures are recorded in bench/RESULTS.md, not asserted here)."""
+"""bench/: the benchmark scripts keep running and measure what they say (their figures are recorded in
+bench/RESULTS.md, not asserted here)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from helpers import REPO
 
 
@@ -20,3 +22,40 @@ def test_data_stage_benchmark_runs_and_reports_every_run(tmp_path):
     assert names[0].startswith("baseline") and names[1].startswith("ours (subset + manifest")
     assert all(r["seconds"] > 0 and r["speedup_vs_baseline"] > 0 for r in result["runs"].values())
     assert "| run | seconds |" in proc.stdout
+
+
+@pytest.mark.e2e
+def test_training_benchmark_runs_every_section_at_tiny_size(tmp_path):
+    """The full-size GPU benchmark's code at toy scale on CPU: every section runs and reports what it measured."""
+    out = tmp_path / "train_speed.json"
+    cmd = [sys.executable, "bench/train_speed.py", "--size", "tiny", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["environment"]["torch"] and result["environment"]["nemo_toolkit"]
+    prof = result["profile"]
+
+    # fixed-length grid: every batch holds exactly batch_size clips of that length
+    assert [(r["clip_s"], r["batch_size"]) for r in result["grid"]] == [
+        (n, b) for n in prof["lengths"] for b in prof["batch_sizes"]
+    ]
+    for row in result["grid"]:
+        assert row["steps_timed"] == prof["steps"] and row["mean_batch_utts"] == row["batch_size"]
+        assert row["audio_s_per_s"] == pytest.approx(row["utts_per_s"] * row["clip_s"], rel=0.01)
+        assert row["tokens_per_s"] > row["audio_s_per_s"] * 12.5  # audio frames plus transcript tokens
+
+    # ours vs NeMo's example settings, on the same mixed-length clips
+    base, ours = result["compare"][0], result["compare"][1]
+    assert base["batch_size"] == 4 and base["batch_tokens"] is None and base["num_buckets"] == 1
+    assert base["mean_batch_utts"] == 4 and base["speedup_vs_baseline"] == 1.0
+    assert ours == ours | result["committed_train_params"] and ours["speedup_vs_baseline"] > 0
+
+    # decoding: the end token is suppressed until 3.5 tokens per audio second
+    for row in result["decode"]:
+        assert row["output_tokens"] == row["tokens_per_clip"] == round(3.5 * row["clip_s"])
+        assert row["rtfx"] > 0
+
+    # restart: `medasr train` from scratch, then resumed from its checkpoint at step 2
+    restart = result["restart"]
+    assert restart["fresh_start"]["first_step"] == 1 and restart["resume"]["first_step"] == 3, restart
+    assert 0 < restart["resume"]["seconds_from_process_start"] < 600

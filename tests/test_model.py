@@ -22,14 +22,13 @@ def released_like_checkpoint(out, llm_layers: int = 1, encoder_layers: int = 1):
         RELEASED_LLM,
         RELEASED_LORA,
         RELEASED_PERCEPTION,
-        _tiny_llm_dir,
+        random_llm_dir,
         save_tokenizer_and_llm_config,
     )
 
-    llm_dir = _tiny_llm_dir(out / "qwen3_src", seed=0)
-    tiny = Qwen3Config.from_pretrained(llm_dir)
-    shapes = RELEASED_LLM | {"num_hidden_layers": llm_layers, "vocab_size": tiny.vocab_size}
-    Qwen3Config(**shapes, eos_token_id=tiny.eos_token_id, pad_token_id=tiny.pad_token_id).save_pretrained(llm_dir)
+    shapes = {k: v for k, v in RELEASED_LLM.items() if k != "vocab_size"} | {"num_hidden_layers": llm_layers}
+    llm_dir = random_llm_dir(out / "qwen3_src", shapes)
+    assert Qwen3Config.from_pretrained(llm_dir).intermediate_size == RELEASED_LLM["intermediate_size"]
     perception = copy.deepcopy(RELEASED_PERCEPTION)
     perception["encoder"]["n_layers"] = encoder_layers
     cfg = {
@@ -121,9 +120,9 @@ def tiny_hf_llm(path, hidden: int = 96):
     """A tiny HF causal LM folder whose width differs from the encoder's, so the projection is a real Linear."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from stages.model import _tiny_llm_dir
+    from stages.model import TINY_LLM, random_llm_dir
 
-    _tiny_llm_dir(path, seed=3)
+    random_llm_dir(path, TINY_LLM)
     tiny = Qwen3Config.from_pretrained(path)
     config = Qwen3Config(
         vocab_size=tiny.vocab_size,

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -260,3 +261,48 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, d
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(opt_a[index][key], opt_b[index][key]), (index, key)
     assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == 30
+
+
+def _mixed_length_manifests(folder: Path) -> Path:
+    """16 clips of 1 s and 16 of 12 s, interleaved, in the manifest stage's layout."""
+    import numpy as np
+    import soundfile as sf
+
+    (folder / "audio").mkdir(parents=True)
+    rows = []
+    for i in range(32):
+        seconds = 1.0 if i % 2 else 12.0
+        name = f"audio/c{i:02d}.flac"
+        sf.write(folder / name, np.zeros(int(seconds * 16000), dtype=np.float32), 16000, subtype="PCM_16")
+        rows.append({"audio_filepath": name, "duration": seconds, "text": "the patient has a cough", "id": str(i)})
+    (folder / "train.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "val.json").write_text("")
+    return folder
+
+
+def _epoch_batches(manifests: Path, p) -> list[list[float]]:
+    """The clip lengths (s) of every batch of one training epoch, as the train stage's data module draws them."""
+    from stages.model import build_tiny
+    from stages.train import make_datamodule
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_tiny(p.lora, p.model.trainable, 0, Path(tmp))
+    loader = make_datamodule(model, manifests, p).train_dataloader()
+    return [sorted((batch["audio_lens"] / 16000).round().tolist()) for batch in loader]
+
+
+def test_token_budget_and_buckets_batch_clips_of_similar_length(tmp_path):
+    manifests = _mixed_length_manifests(tmp_path / "manifests")
+    fixed = _epoch_batches(manifests, tiny_params(**{"train.batch_tokens": None, "train.num_buckets": 1}))
+    # NeMo's example batching: always 4 clips, short and long mixed in one padded batch
+    assert all(len(b) == 4 for b in fixed) and any(b[0] != b[-1] for b in fixed)
+
+    # 1 s = 13 audio frames + ~20 prompt/transcript tokens; 12 s = 150 + ~20: a budget of 700 holds ~4 long or
+    # ~20 short clips. The committed buckets (lhotse sets their bounds so each holds the same total length) keep
+    # lengths apart; every clip is still drawn once per epoch.
+    budget = _epoch_batches(manifests, tiny_params(**{"train.batch_size": 32, "train.batch_tokens": 700}))
+    assert sorted(x for b in budget for x in b) == sorted(x for b in fixed for x in b)
+    assert all(b[0] == b[-1] for b in budget), budget
+    short = [len(b) for b in budget if b[0] == 1.0]
+    long = [len(b) for b in budget if b[0] == 12.0]
+    assert max(long) <= 4 < max(short), budget
