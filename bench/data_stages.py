@@ -5,10 +5,12 @@ Run: `.venv/bin/python bench/data_stages.py [--clips 300] [--out bench/results/d
 Builds an audiofolder of synthetic clips (2-20 s; the mix of formats real sources bring: 16 kHz WAV, 44.1 kHz
 stereo WAV, 8 kHz WAV, 48 kHz FLAC, 44.1 kHz MP3 like the OSCE interviews) and fetches it once (fetch is I/O and
 not compared). Then, in the same process, it times:
-  - ours: `subset.run` + `manifest.run`, one process, which decode (twice: subset validates every clip by decoding
-    it in full, manifest decodes it again), dedupe, filter, downmix, resample (soxr HQ) and write 16 kHz FLAC;
+  - ours: `subset.run` + `manifest.run`, on 1 core and on all usable cores (the process pinned with
+    sched_setaffinity; both stages spread per-clip work over threads, one per usable core). Subset validates each
+    clip (uncompressed integer PCM by its header, anything else by a full decode), hashes and dedupes it and
+    filters by length; manifest decodes, downmixes, resamples (soxr HQ) and writes 16 kHz FLAC;
   - baseline: per file `librosa.load(path, sr=16000)` (mono, soxr_hq) + `soundfile.write` as 16-bit FLAC, one
-    process, no validation, librosa imported and warmed up before the clock starts.
+    process on 1 core, no validation, librosa imported and warmed up before the clock starts.
 Prints a markdown table and writes the raw figures as JSON.
 """
 
@@ -102,8 +104,12 @@ def main() -> None:
             out_dir=root / "raw",
         )
         fetch_s = time.perf_counter() - fetch_started
-        runs = {"baseline (librosa.load + soundfile.write, 1 process)": baseline(root / "source", root / "base")}
-        runs["ours (subset + manifest, 1 process)"] = ours(root / "ours", root / "raw")
+        everything = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {min(everything)})
+        runs = {"baseline (librosa.load + soundfile.write, 1 core)": baseline(root / "source", root / "base")}
+        runs["ours (subset + manifest, 1 core)"] = ours(root / "ours1", root / "raw")
+        os.sched_setaffinity(0, everything)
+        runs[f"ours (subset + manifest, {cores} cores)"] = ours(root / "ours", root / "raw")
     hours = seconds / 3600
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),

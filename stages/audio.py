@@ -4,12 +4,20 @@ soxr to resample. No torchcodec/FFmpeg, which `datasets` would otherwise need.""
 from __future__ import annotations
 
 import io
+import os
 import re
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import soundfile as sf
 import soxr
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 # NeMo's canary/FastConformer preprocessor expects 16 kHz mono.
 TARGET_SAMPLE_RATE = 16_000
@@ -33,6 +41,31 @@ class Audio:
         return self.samples.shape[0] / self.sample_rate
 
 
+@dataclass(frozen=True)
+class Probe:
+    frames: int
+    sample_rate: int
+    channels: int
+
+    @property
+    def duration(self) -> float:
+        return self.frames / self.sample_rate
+
+
+# Uncompressed integer PCM: libsndfile's header frame count is exactly what a full decode returns (it clamps a
+# truncated file's count to the bytes present), and integer samples are always finite. Anything else (FLAC, MP3,
+# OGG, float PCM) can only be trusted after decoding it in full.
+_HEADER_EXACT_SUBTYPES = {"PCM_S8", "PCM_U8", "PCM_16", "PCM_24", "PCM_32"}
+_HEADER_EXACT_FORMATS = {"WAV", "WAVEX", "RF64", "W64", "AIFF"}
+_NAN_POSSIBLE_SUBTYPES = {"FLOAT", "DOUBLE"}
+
+
+def _unreadable(exc: Exception) -> AudioDecodeError:
+    # libsndfile names the in-memory buffer ("Error opening <_io.BytesIO object at 0x..>: ..."): keep the reason
+    reason = re.sub(r"^Error opening <[^>]*>:\s*", "", str(exc).strip()) or type(exc).__name__
+    return AudioDecodeError(f"not readable audio: {reason}")
+
+
 def decode(data: bytes | None) -> Audio:
     if not data:
         raise AudioDecodeError("no audio bytes")
@@ -40,13 +73,32 @@ def decode(data: bytes | None) -> Audio:
         with sf.SoundFile(io.BytesIO(data)) as f:
             samples, rate, subtype = f.read(dtype="float32", always_2d=True), f.samplerate, f.subtype
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        # libsndfile names the in-memory buffer ("Error opening <_io.BytesIO object at 0x..>: ..."): keep the reason
-        reason = re.sub(r"^Error opening <[^>]*>:\s*", "", str(exc).strip()) or type(exc).__name__
-        raise AudioDecodeError(f"not readable audio: {reason}") from None
+        raise _unreadable(exc) from None
     # only floating-point encodings can hold NaN or inf; integer PCM, FLAC and MP3 decode to finite values
-    if subtype in ("FLOAT", "DOUBLE") and not np.isfinite(samples).all():
+    if subtype in _NAN_POSSIBLE_SUBTYPES and not np.isfinite(samples).all():
         raise AudioDecodeError("audio contains NaN or infinite samples")
     return Audio(samples, int(rate))
+
+
+def probe(data: bytes | None) -> Probe:
+    """Length, rate and channels, with the checks `decode` makes, decoding only what its header cannot vouch for."""
+    if not data:
+        raise AudioDecodeError("no audio bytes")
+    try:
+        info = sf.info(io.BytesIO(data))
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        raise _unreadable(exc) from None
+    if info.format in _HEADER_EXACT_FORMATS and info.subtype in _HEADER_EXACT_SUBTYPES:
+        return Probe(int(info.frames), int(info.samplerate), int(info.channels))
+    audio = decode(data)
+    return Probe(audio.samples.shape[0], audio.sample_rate, audio.channels)
+
+
+def map_clips(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+    """`map(fn, items)` in order, on as many threads as usable cores: libsndfile, soxr and hashlib release the GIL
+    while they work, so per-clip audio work scales with cores without process start-up or pickling costs."""
+    with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+        yield from pool.map(fn, items)
 
 
 def to_model_input(audio: Audio, rate: int = TARGET_SAMPLE_RATE) -> np.ndarray:
@@ -60,9 +112,13 @@ def to_model_input(audio: Audio, rate: int = TARGET_SAMPLE_RATE) -> np.ndarray:
     return mono
 
 
-def encode_flac(samples: np.ndarray, rate: int) -> bytes:
+def write_flac(target: Path | io.BytesIO, samples: np.ndarray, rate: int) -> None:
     """16-bit FLAC: lossless for what the model hears, about half the size of WAV in the DVC cache."""
-    buf = io.BytesIO()
     # Clip first: soxr's filter can overshoot full scale slightly, and libsndfile would wrap, not clip.
-    sf.write(buf, np.clip(samples, -1.0, 1.0), rate, format="FLAC", subtype="PCM_16")
+    sf.write(target, np.clip(samples, -1.0, 1.0), rate, format="FLAC", subtype="PCM_16")
+
+
+def encode_flac(samples: np.ndarray, rate: int) -> bytes:
+    buf = io.BytesIO()
+    write_flac(buf, samples, rate)
     return buf.getvalue()

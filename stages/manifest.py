@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from stages import StageError
-from stages.audio import TARGET_SAMPLE_RATE, decode, encode_flac, to_model_input
+from stages.audio import TARGET_SAMPLE_RATE, decode, map_clips, to_model_input, write_flac
 from stages.files import atomic_dir, jsonl, read_jsonl
 from stages.log import get_logger
 from stages.params import ManifestParams
@@ -52,24 +52,35 @@ def load_raw_audio(raw_dir: Path, rows: list[dict[str, Any]]) -> dict[tuple[str,
     return out
 
 
+def write_model_audio(data: bytes, path: Path) -> tuple[float, bool, bool]:
+    """Decode one clip, downmix and resample it to 16 kHz mono, write it as FLAC; returns (seconds, resampled,
+    downmixed). Written straight to the file: libsndfile then encodes without calling back into Python."""
+    audio = decode(data)
+    samples = to_model_input(audio)
+    write_flac(path, samples, TARGET_SAMPLE_RATE)
+    return len(samples) / TARGET_SAMPLE_RATE, audio.sample_rate != TARGET_SAMPLE_RATE, audio.channels > 1
+
+
 def build_split(
     rows: list[dict[str, Any]], audio_bytes: dict[tuple[str, int], bytes], out_dir: Path, p: ManifestParams
 ) -> tuple[str, Counter]:
-    """Write the audio files of one split from the raw bytes (load_raw_audio; each is released once written);
-    return its manifest text and counts of the repairs made."""
+    """Write the audio files of one split from the raw bytes (load_raw_audio; taken out of it), on
+    all cores; return its manifest text and counts of the repairs made."""
+    relative = [f"{AUDIO_SUBDIR}/{audio_name(r['id'])}" for r in rows]
+    jobs = [
+        (audio_bytes.pop((r["raw_file"], r["raw_row"])), out_dir / rel) for r, rel in zip(rows, relative, strict=True)
+    ]
+    written = list(map_clips(lambda job: write_model_audio(*job), jobs))
+    del jobs
     repairs: Counter = Counter()
     lines = []
-    for r in rows:
-        audio = decode(audio_bytes.pop((r["raw_file"], r["raw_row"])))
-        repairs["resampled"] += audio.sample_rate != TARGET_SAMPLE_RATE
-        repairs["downmixed"] += audio.channels > 1
-        samples = to_model_input(audio)
-        relative = f"{AUDIO_SUBDIR}/{audio_name(r['id'])}"
-        (out_dir / relative).write_bytes(encode_flac(samples, TARGET_SAMPLE_RATE))
+    for r, rel, (seconds, resampled, downmixed) in zip(rows, relative, written, strict=True):
+        repairs["resampled"] += resampled
+        repairs["downmixed"] += downmixed
         lines.append(
             {
-                "audio_filepath": relative,
-                "duration": round(len(samples) / TARGET_SAMPLE_RATE, 6),
+                "audio_filepath": rel,
+                "duration": round(seconds, 6),
                 "text": training_text(r["text"], p.text_normalization, p.annotation_tags, p.all_caps),
                 "id": r["id"],
             }

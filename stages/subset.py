@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from stages import StageError
-from stages.audio import AudioDecodeError, decode
+from stages.audio import AudioDecodeError, Probe, map_clips, probe
 from stages.files import atomic_dir, jsonl, write_json_atomic
 from stages.log import get_logger
 from stages.params import SubsetParams
@@ -80,6 +80,18 @@ def rank_of(row_id: str, seed: int) -> float:
     return _hash01(str(seed), "rank", row_id)
 
 
+def _inspect(row: dict[str, Any]) -> tuple[str, str | None, Probe | AudioDecodeError | None]:
+    """The per-row work that needs no other row (run on all cores): cleaned text, content hash, audio probe."""
+    text = strip_tags(clean_text(row["text"]))  # markup alone (<INAUDIBLE>) is no transcript
+    if not text or row["audio"] is None:
+        return text, None, None
+    try:
+        found: Probe | AudioDecodeError = probe(row["audio"])
+    except AudioDecodeError as exc:
+        found = exc
+    return text, content_id(row["audio"], text), found
+
+
 def screen(
     raw_dir: Path, min_duration: float, max_duration: float
 ) -> tuple[list[Candidate], list[dict[str, Any]], int]:
@@ -90,22 +102,21 @@ def screen(
     seen_ids: set[str] = set()
     rows_in = 0
     for shard in sorted(raw_dir.glob("part-*.parquet")):
-        for i, row in enumerate(pq.read_table(shard).to_pylist()):
+        rows = pq.read_table(shard).to_pylist()
+        for i, (row, (text, content, audio)) in enumerate(zip(rows, map_clips(_inspect, rows), strict=True)):
             rows_in += 1
             where = {"raw_file": shard.name, "raw_row": i, "source_row": row["row"], "source_path": row["source_path"]}
 
             def drop(reason: str, detail: str = "", row_id: str | None = None, where: dict = where) -> None:
                 dropped.append({**where, "id": row_id, "reason": reason, "detail": detail})
 
-            text = strip_tags(clean_text(row["text"]))  # markup alone (<INAUDIBLE>) is no transcript
-            audio_bytes = row["audio"]
             if not text:
                 drop("empty_text", row_id=row["source_id"])
                 continue
-            if audio_bytes is None:
+            if row["audio"] is None:
                 drop("missing_audio", row_id=row["source_id"])
                 continue
-            content = content_id(audio_bytes, text)
+            assert content is not None and audio is not None
             row_id = row["source_id"] if row["source_id"] is not None else content
             if content in seen_content:
                 drop("duplicate", row_id=row_id)
@@ -113,12 +124,10 @@ def screen(
             if row_id in seen_ids:
                 drop("duplicate_id", "same id, different audio or text", row_id)
                 continue
-            try:
-                audio = decode(audio_bytes)
-            except AudioDecodeError as exc:
-                drop("empty_audio" if not audio_bytes else "undecodable_audio", str(exc), row_id)
+            if isinstance(audio, AudioDecodeError):
+                drop("empty_audio" if not row["audio"] else "undecodable_audio", str(audio), row_id)
                 continue
-            if audio.samples.shape[0] == 0:
+            if audio.frames == 0:
                 drop("empty_audio", row_id=row_id)
                 continue
             if audio.duration < min_duration:
@@ -142,6 +151,7 @@ def screen(
                     content,
                 )
             )
+        del rows
     return candidates, dropped, rows_in
 
 

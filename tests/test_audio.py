@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from helpers import audio_bytes, tone, wav
 
-from stages.audio import TARGET_SAMPLE_RATE, AudioDecodeError, decode, encode_flac, to_model_input
+from stages.audio import TARGET_SAMPLE_RATE, AudioDecodeError, decode, encode_flac, probe, to_model_input
 
 
 def dominant_frequency(samples: np.ndarray, rate: int) -> float:
@@ -69,3 +69,46 @@ def test_float_audio_with_nan_is_refused_but_integer_pcm_is_not_scanned():
     pcm = io.BytesIO()
     sf.write(pcm, np.zeros(1600, dtype=np.float32), 16_000, format="WAV", subtype="PCM_16")
     assert decode(pcm.getvalue()).duration == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "subtype", "rate", "channels"),
+    [
+        ("WAV", "PCM_16", 16_000, 1),  # header only
+        ("WAV", "PCM_24", 44_100, 2),  # header only
+        ("WAV", "FLOAT", 8_000, 1),  # decoded: float PCM may hold NaN
+        ("FLAC", "PCM_16", 48_000, 2),  # decoded: compressed
+        ("MP3", None, 44_100, 1),  # decoded: compressed
+    ],
+)
+def test_probe_agrees_with_a_full_decode(fmt, subtype, rate, channels):
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    samples = np.zeros((int(rate * 1.3), channels), dtype=np.float32)
+    sf.write(buf, samples, rate, format=fmt, subtype=subtype)
+    found, audio = probe(buf.getvalue()), decode(buf.getvalue())
+    assert (found.frames, found.sample_rate, found.channels) == (audio.samples.shape[0], rate, channels)
+    # a WAV cut short: its header count is clamped to what is there, exactly what decoding returns
+    cut = buf.getvalue()[: len(buf.getvalue()) // 2]
+    if fmt == "WAV":
+        assert probe(cut).frames == decode(cut).samples.shape[0] > 0
+
+
+def test_probe_decodes_what_a_header_cannot_vouch_for():
+    import io
+
+    import soundfile as sf
+
+    flac = io.BytesIO()
+    sf.write(flac, np.random.default_rng(0).uniform(-0.5, 0.5, 16_000).astype(np.float32), 16_000, format="FLAC")
+    with pytest.raises(AudioDecodeError, match="not readable"):  # header intact, stream truncated
+        probe(flac.getvalue()[: len(flac.getvalue()) // 2])
+    nan = np.zeros(1600, dtype=np.float32)
+    nan[5] = np.nan
+    wav = io.BytesIO()
+    sf.write(wav, nan, 16_000, format="WAV", subtype="FLOAT")
+    with pytest.raises(AudioDecodeError, match="NaN"):
+        probe(wav.getvalue())

@@ -3,12 +3,13 @@ bench/RESULTS.md, not asserted here)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
-from helpers import REPO
+from helpers import REPO, tiny_params
 
 
 def test_data_stage_benchmark_runs_and_reports_every_run(tmp_path):
@@ -59,3 +60,21 @@ def test_training_benchmark_runs_every_section_at_tiny_size(tmp_path):
     restart = result["restart"]
     assert restart["fresh_start"]["first_step"] == 1 and restart["resume"]["first_step"] == 3, restart
     assert 0 < restart["resume"]["seconds_from_process_start"] < 600
+
+    # the README's cost table, from this result as if it were a GPU's
+    spec = importlib.util.spec_from_file_location("cost_table", REPO / "bench" / "cost_table.py")
+    cost_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cost_table)
+    p = tiny_params(**{"train.max_steps": 1000, "train.val_every": 100, "train.val_max_utts": 100})
+    phases = cost_table.poc_runtime(result, p)
+    assert phases["train_s"] == pytest.approx(1000 * ours["seconds"] / ours["steps_timed"])
+    assert phases["start_s"] == restart["fresh_start"]["seconds_from_process_start"]
+    assert phases["validation_s"] > 0 and phases["eval_s"] > 0
+    prices = [
+        {"name": "Measured", "usd_per_hour": 2.0, "source": "test", "measured_as": str(out)},
+        {"name": "Other", "usd_per_hour": 1.0, "source": "test", "measured_as": None},
+    ]
+    rows = cost_table.table(prices, p, root=tmp_path).splitlines()
+    total_min = (phases["start_s"] + phases["train_s"] + phases["validation_s"] + phases["eval_s"]) / 60
+    assert f"| {total_min:.0f} min | ${total_min / 60 * 2.0:.2f} |" in rows[2]
+    assert rows[3].startswith("| Other |") and "not measured" in rows[3]
