@@ -199,6 +199,8 @@ def train_once(model: Any, set_dir: Path, p: Params, gpu: bool, warmup: int, ste
         result = timer.summary()
     except torch.OutOfMemoryError:
         result = {"oom": True}
+    except Exception as exc:  # e.g. bitsandbytes missing for the 8-bit variant: record it, measure the rest
+        result = {"error": f"{type(exc).__name__}: {exc}"[:500]}
     if gpu:
         result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
