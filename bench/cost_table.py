@@ -44,12 +44,25 @@ def poc_runtime(result: dict[str, Any], p: Params) -> dict[str, float]:
     val_audio = validations * p.train.val_max_utts * mean_clip_s
     eval_audio = 2 * p.subset.val_size * mean_clip_s  # base and fine-tuned model on the val split
     return {
-        "start_s": result["restart"]["fresh_start"]["seconds_from_process_start"],
+        # 0 when the restart section did not run (or failed): the table then says start-up is not included
+        "start_s": result.get("restart", {}).get("fresh_start", {}).get("seconds_from_process_start", 0.0),
         "train_s": p.train.max_steps / steps_per_s,
         "validation_s": val_audio / _rtfx(result, p.train.batch_size),
         "eval_s": eval_audio / _rtfx(result, p.eval.batch_size),
         "eval_s_per_test_audio_hour": 2 * 3600 / _rtfx(result, p.eval.batch_size),
     }
+
+
+def measurement(files: str | list[str] | None, root: Path) -> dict[str, Any] | None:
+    """One GPU's benchmark result, merged from the files its sections were written to (later files win); None
+    until every file exists and the sections the table needs are there."""
+    paths = [root / f for f in ([files] if isinstance(files, str) else files or [])]
+    if not paths or not all(p.is_file() for p in paths):
+        return None
+    merged: dict[str, Any] = {}
+    for path in paths:
+        merged |= json.loads(path.read_text())
+    return merged if all(k in merged for k in ("compare", "decode", "defaults", "sets")) else None
 
 
 def table(prices: list[dict[str, Any]], p: Params, root: Path = REPO) -> str:
@@ -59,13 +72,12 @@ def table(prices: list[dict[str, Any]], p: Params, root: Path = REPO) -> str:
         "|---|---|---|---|---|---|",
     ]
     for gpu in prices:
-        measured = root / gpu["measured_as"] if gpu.get("measured_as") else None
         rate = gpu["usd_per_hour"]
         price = f"{rate:.2f} ({gpu['source']})" if rate is not None else f"- ({gpu['source']})"
-        if measured is None or not measured.is_file():
+        result = measurement(gpu.get("measured_as"), root)
+        if result is None:
             lines.append(f"| {gpu['name']} | {price} | not measured | not measured | - | - |")
             continue
-        result = json.loads(measured.read_text())
         phases = poc_runtime(result, p)
         total_h = (phases["start_s"] + phases["train_s"] + phases["validation_s"] + phases["eval_s"]) / 3600
         peaks = [row["peak_gib"] for row in result["defaults"] if "peak_gib" in row]
@@ -74,7 +86,8 @@ def table(prices: list[dict[str, Any]], p: Params, root: Path = REPO) -> str:
         extra_min = phases["eval_s_per_test_audio_hour"] / 60
         lines.append(
             f"| {gpu['name']} ({result['environment']['date'][:10]}) | {price} | {memory} | "
-            f"{total_h * 60:.0f} min | {f'${total_h * rate:.2f}' if rate is not None else '-'} | "
+            f"{total_h * 60:.0f} min{'' if phases['start_s'] else ' (start-up not measured)'} | "
+            f"{f'${total_h * rate:.2f}' if rate is not None else '-'} | "
             f"{extra_min:.1f} min |"
         )
     return "\n".join(lines)
