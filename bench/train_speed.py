@@ -173,19 +173,13 @@ def train_once(model: Any, set_dir: Path, p: Params, gpu: bool, warmup: int, ste
     import torch
     from omegaconf import open_dict
 
-    from stages.train import make_datamodule, make_trainer, prepare_model
+    from stages.train import make_datamodule, make_trainer, optimizer_config, prepare_model
 
     p = p.model_copy(update={"train": p.train.model_copy(update={"max_steps": warmup + steps, "val_every": 0})})
     prepare_model(model, p, gpu)
     if baseline:  # NeMo's example optimizer: AdamW looping over tensors (`foreach`), no fused kernel
         with open_dict(model.cfg):
-            model.cfg.optimizer = {
-                "_target_": "torch.optim.AdamW",
-                "lr": p.train.lr,
-                "betas": [0.9, 0.98],
-                "weight_decay": p.train.weight_decay,
-                "foreach": True,
-            }
+            model.cfg.optimizer = optimizer_config(p, gpu=False)[0] | {"foreach": True}
     if not p.train.grad_checkpointing:
         model.llm.gradient_checkpointing_disable()
     timer = step_timer(warmup, model.text_pad_id)
@@ -228,23 +222,14 @@ def batching(p: Params) -> dict[str, Any]:
 def decode_once(model: Any, set_dir: Path, batch_size: int, clips: int) -> dict[str, Any]:
     import torch
 
-    from stages.inference import load_batch, transcribe
-    from stages.model import PROMPT
+    from stages.inference import generate_ids, load_batch, transcribe
 
     rows = [json.loads(line) for line in (set_dir / "train.json").read_text().splitlines()][:clips]
     paths = [set_dir / r["audio_filepath"] for r in rows]
     forced = round(TOKENS_PER_SECOND * rows[0]["duration"])
     transcribe(model, paths[:batch_size], batch_size, forced, forced)  # warm-up (kernels, allocator)
-    audios, lens = load_batch(paths[:2])  # check that the end token was suppressed: every output is `forced` long
-    with torch.inference_mode():
-        ids = model.generate(
-            prompts=[[{"role": "user", "content": PROMPT}]] * len(lens),
-            audios=audios.to(model.device, dtype=next(model.perception.parameters()).dtype),
-            audio_lens=lens.to(model.device),
-            max_new_tokens=forced,
-            min_new_tokens=forced,
-            do_sample=False,
-        )
+    # check that the end token was suppressed: every output is `forced` long
+    ids = generate_ids(model, *load_batch(paths[:2]), forced, forced)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     started = time.perf_counter()

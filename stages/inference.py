@@ -37,6 +37,23 @@ def load_batch(paths: list[Path]) -> tuple[Any, Any]:
     return audios, lens
 
 
+def generate_ids(model: Any, audios: Any, lens: Any, max_new_tokens: int, min_new_tokens: int = 0) -> Any:
+    """Greedy new token ids (batch, tokens) for a padded audio batch, with the training prompt."""
+    import torch
+
+    from stages.model import PROMPT
+
+    with torch.inference_mode():
+        return model.generate(
+            prompts=[[{"role": "user", "content": PROMPT}] for _ in range(len(lens))],
+            audios=audios.to(model.device, dtype=next(model.perception.parameters()).dtype),
+            audio_lens=lens.to(model.device),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            do_sample=False,
+        )
+
+
 def transcribe(
     model: Any, paths: list[Path], batch_size: int, max_new_tokens: int = 128, min_new_tokens: int = 0
 ) -> list[str]:
@@ -45,15 +62,10 @@ def transcribe(
     Clips are batched by length (a batch of similar lengths wastes little on padding), and the next batch is
     read and resampled in a thread while the model decodes the current one. `min_new_tokens` > 0 suppresses the
     end token until then: benchmarks use it to force a realistic output length from random weights."""
-    import torch
-
-    from stages.model import PROMPT
-
     order = sorted(range(len(paths)), key=lambda i: _length(paths[i]))
     batches = [[paths[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
     was_training = model.training
     model.eval()
-    dtype = next(model.perception.parameters()).dtype
     eos = model.text_eos_id
     texts: list[str] = []
     try:
@@ -63,16 +75,7 @@ def transcribe(
                 assert pending is not None
                 audios, lens = pending.result()
                 pending = reader.submit(load_batch, batches[k + 1]) if k + 1 < len(batches) else None
-                prompts = [[{"role": "user", "content": PROMPT}] for _ in range(len(lens))]
-                with torch.inference_mode():
-                    ids = model.generate(
-                        prompts=prompts,
-                        audios=audios.to(model.device, dtype=dtype),
-                        audio_lens=lens.to(model.device),
-                        max_new_tokens=max_new_tokens,
-                        min_new_tokens=min_new_tokens,
-                        do_sample=False,
-                    )
+                ids = generate_ids(model, audios, lens, max_new_tokens, min_new_tokens)
                 for row in ids.tolist():
                     if eos in row:
                         row = row[: row.index(eos)]

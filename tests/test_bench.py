@@ -12,27 +12,28 @@ import pytest
 from helpers import REPO, tiny_params
 
 
-def test_data_stage_benchmark_runs_and_reports_every_run(tmp_path):
-    out = tmp_path / "data_stages.json"
-    cmd = [sys.executable, "bench/data_stages.py", "--clips", "6", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+def run_bench(script: str, out, *args: str, timeout: int) -> tuple[dict, str]:
+    """Run a bench script writing its JSON to `out`; returns the result and what it printed."""
+    cmd = [sys.executable, f"bench/{script}", *args, "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_data_stage_benchmark_runs_and_reports_every_run(tmp_path):
+    result, stdout = run_bench("data_stages.py", tmp_path / "data_stages.json", "--clips", "6", timeout=300)
     assert result["clips"] == 6 and result["audio_hours"] > 0
     names = list(result["runs"])
     assert names[0].startswith("baseline") and names[1].startswith("ours (subset + manifest")
     assert all(r["seconds"] > 0 and r["speedup_vs_baseline"] > 0 for r in result["runs"].values())
-    assert "| run | seconds |" in proc.stdout
+    assert "| run | seconds |" in stdout
 
 
 @pytest.mark.e2e
 def test_training_benchmark_runs_every_section_at_tiny_size(tmp_path):
     """The full-size GPU benchmark's code at toy scale on CPU: every section runs and reports what it measured."""
     out = tmp_path / "train_speed.json"
-    cmd = [sys.executable, "bench/train_speed.py", "--size", "tiny", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result, _ = run_bench("train_speed.py", out, "--size", "tiny", timeout=900)
     assert result["environment"]["torch"] and result["environment"]["nemo_toolkit"]
     prof = result["profile"]
 
