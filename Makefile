@@ -39,7 +39,7 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy stages
+	$(BIN)/mypy stages medasr
 
 demo: install
 	medasr remote setup

@@ -41,7 +41,6 @@ export MEDASR_WORKDIR=$WORKDIR MEDASR_RUN_ID=${MEDASR_RUN_ID:-default}
 # caches on the persistent volume, so a new pod does not download everything again
 export PIP_CACHE_DIR=$WORKDIR/cache/pip HF_HOME=$WORKDIR/cache/hf NEMO_CACHE_DIR=$WORKDIR/cache/nemo
 export DVC_CACHE_DIR=$WORKDIR/cache/dvc
-export WANDB_MODE=${WANDB_MODE:-$([[ -n "${WANDB_API_KEY:-}" ]] && echo online || echo offline)}
 
 mkdir -p "$LOGS" 2>/dev/null
 log() { printf '[runpod.sh %s] %s\n' "$(date -u +%FT%TZ)" "$*" | tee -a "$LOGS/runpod.log" >&2; }
@@ -52,12 +51,12 @@ heartbeat() {
     "${RUNPOD_POD_ID:-}" "$MEDASR_RUN_ID" > "$LOGS/heartbeat.tmp" && mv "$LOGS/heartbeat.tmp" "$LOGS/heartbeat"
 }
 PUBLISH=0 PUBLISHER=0 PUBLISHED_AT=-1000000
-publish_status() {  # copy heartbeat + log tail to the DVC remote; in the background unless $1 == wait
+publish_status() {  # copy the heartbeat to the DVC remote; in the background unless $1 == wait
   (( PUBLISH )) || return 0
   if [[ ${1:-} == wait ]]; then
-    timeout 120 medasr remote publish-status --logs "$LOGS" >>"$LOGS/runpod.log" 2>&1
+    timeout 120 medasr remote publish-status --heartbeat "$LOGS/heartbeat" >>"$LOGS/runpod.log" 2>&1
   elif ! kill -0 "$PUBLISHER" 2>/dev/null; then
-    medasr remote publish-status --logs "$LOGS" >>"$LOGS/runpod.log" 2>&1 &
+    medasr remote publish-status --heartbeat "$LOGS/heartbeat" >>"$LOGS/runpod.log" 2>&1 &
     PUBLISHER=$!
   fi
   PUBLISHED_AT=$SECONDS
@@ -80,22 +79,18 @@ preflight() {
     log "problem: $WORKDIR is not writable (attach a volume or set MEDASR_WORKDIR)"; problems=1
   else
     rm -f "$WORKDIR/.write-test"
-    local free_gb
-    free_gb=$(df -Pk "$WORKDIR" | awk 'NR==2 {print int($4/1048576)}')
-    if (( free_gb < ${MEDASR_MIN_FREE_GB:-20} )); then
-      log "problem: only ${free_gb} GiB free in $WORKDIR (need ${MEDASR_MIN_FREE_GB:-20})"; problems=1
-    fi
+    local disk_line   # the floor (MEDASR_MIN_FREE_GB) is doctor's, so both checks agree
+    disk_line=$(medasr doctor --disk "$WORKDIR" 2>&1) || { log "problem: low disk: $disk_line"; problems=1; }
   fi
-  local wandb_problem
-  if ! wandb_problem=$(medasr wandb check 2>&1 >/dev/null); then
-    if [[ $MODE == check ]]; then
-      log "problem: $wandb_problem"; problems=1
-    else  # never idle a GPU over logging: the run is kept offline and can be synced later
-      log "warning: $wandb_problem; training with WANDB_MODE=offline (upload later with \`wandb sync\`)"
-      export WANDB_MODE=offline
-    fi
+  local wandb_line  # W&B's mode (a key means online) is decided by medasr, as training decides it
+  if wandb_line=$(medasr wandb check 2>&1); then
+    log "$wandb_line"
+  elif [[ $MODE == check ]]; then
+    log "problem: $wandb_line"; problems=1
+  else  # never idle a GPU over logging: the run is kept offline and can be synced later
+    log "warning: $wandb_line; training with WANDB_MODE=offline (upload later with \`wandb sync\`)"
+    export WANDB_MODE=offline
   fi
-  log "W&B mode: $WANDB_MODE"
   if ! medasr remote setup >>"$LOGS/runpod.log" 2>&1; then
     log "problem: could not configure the DVC remote (see $LOGS/runpod.log)"; problems=1
   elif [[ $MODE == check ]] && ! remote_ready; then
@@ -122,8 +117,9 @@ clear_stale_locks() {
 
 pipeline() {
   local stage
-  # testsets before train: a test set that cannot be read fails before any GPU time is spent
-  for stage in fetch subset manifest testsets train eval; do
+  # dvc.yaml's stages in the order it lists them (testsets before train: a test set that cannot be read fails
+  # before any GPU time is spent)
+  for stage in $(python -c 'import yaml; print(*yaml.safe_load(open("dvc.yaml"))["stages"])'); do
     dvc repro --pull "$stage" || return 1
     dvc push --run-cache || return 1
   done

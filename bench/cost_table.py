@@ -23,7 +23,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stages.params import Params, load_params  # noqa: E402
+from medasr.params import Params, load_params  # noqa: E402
 
 
 def _rtfx(result: dict[str, Any], batch_size: int) -> float:

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from medasr.params import FetchParams, ManifestParams, SubsetParams
 from stages import fetch, manifest, subset
-from stages.params import FetchParams, ManifestParams, SubsetParams
 
 FORMATS = [  # (share, sample rate, channels, container)
     (0.35, 16_000, 1, "WAV"),

@@ -1,9 +1,9 @@
 """Benchmark: SALM training and decoding speed and memory, at canary-qwen-2.5b's full size (GPU) or tiny (CPU).
 
 Run: `python bench/train_speed.py --size full` on a GPU (`--size tiny` anywhere: the same code at toy scale, which
-`tests/test_bench.py` runs). Writes the raw figures as JSON (`--out`) and prints them as markdown tables.
+`tests/test_bench.py` runs). Writes the raw figures as JSON (`--out`) and prints the same JSON.
 
-The model is canary-qwen-2.5b's architecture with random weights (`stages.model.build_random`: the released
+The model is canary-qwen-2.5b's architecture with random weights (`medasr.model.build_random`: the released
 FastConformer perception + Qwen3-1.7B shapes, LoRA, built offline through the same SALM class the train stage
 uses), in bf16 on GPU, with the committed params' freeze policy and LoRA. Training runs through the train stage's
 own pieces (`prepare_model`, `make_datamodule`, `make_trainer`: NeMo's DataModule + SALMDataset, Lightning) on
@@ -14,7 +14,7 @@ synthetic 16 kHz FLAC clips whose transcripts hold ~3.5 tokens per audio second.
     NeMo's example config (`examples/speechlm2/conf/salm.yaml`: batch_size 4, no bucketing, AdamW with
     foreach, 1 worker). Throughput is audio seconds per wall second including data loading, after warm-up;
   - the committed defaults on each fixed length: their peak memory, against an A100 40 GB budget (36 GiB);
-  - decoding: batched greedy `stages.inference.transcribe` (files -> text, as `medasr eval`) with the end token
+  - decoding: batched greedy `medasr.inference.transcribe` (files -> text, as `medasr eval`) with the end token
     suppressed for 3.5 tokens per audio second (random weights never emit it): RTFx = audio s / wall s;
   - restart: `medasr train` in a fresh process, first from scratch, then resuming from its checkpoint: seconds
     from process start to the first training step (the train stage logs it).
@@ -28,7 +28,6 @@ import json
 import math
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stages.params import Params, parse_params  # noqa: E402
+from medasr.params import Params, parse_params, with_overrides  # noqa: E402
 
 SAMPLE_RATE = 16_000
 TOKENS_PER_SECOND = 3.5  # transcript tokens per audio second: English speech is ~2.5-3 words/s, ~1.3 tokens/word
@@ -75,11 +74,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 def committed_params(**overrides: Any) -> Params:
     """params.yaml with `block.key` overrides (the values a user would pass to `dvc exp run -S`)."""
-    data = yaml.safe_load((REPO / "params.yaml").read_text())
-    for key, value in overrides.items():
-        block, field = key.split(".")
-        data[block][field] = value
-    return parse_params(data, "bench params")
+    return parse_params(with_overrides(yaml.safe_load((REPO / "params.yaml").read_text()), overrides), "bench params")
 
 
 # ---------------------------------------------------------------- data
@@ -98,7 +93,7 @@ def write_set(folder: Path, durations: list[float], tokenizer: Any, seed: int) -
     seconds. Noise-modulated tones: compute depends on length, not on content."""
     from importlib import resources
 
-    corpus = resources.files("stages.resources").joinpath("tokenizer_corpus.txt").read_text(encoding="utf-8")
+    corpus = resources.files("medasr.resources").joinpath("tokenizer_corpus.txt").read_text(encoding="utf-8")
     words = [w for line in corpus.splitlines() if not line.startswith("#") for w in line.split()]
     rng = np.random.default_rng(seed)
     (folder / "audio").mkdir(parents=True)
@@ -173,23 +168,24 @@ def train_once(model: Any, set_dir: Path, p: Params, gpu: bool, warmup: int, ste
     import torch
     from omegaconf import open_dict
 
-    from stages.train import make_datamodule, make_trainer, optimizer_config, prepare_model
+    from stages.train.config import make_trainer, optimizer_config, prepare_model
+    from stages.train.data import make_datamodule
 
     p = p.model_copy(update={"train": p.train.model_copy(update={"max_steps": warmup + steps, "val_every": 0})})
-    prepare_model(model, p, gpu)
+    prepare_model(model, p.train, gpu)
     if baseline:  # NeMo's example optimizer: AdamW looping over tensors (`foreach`), no fused kernel
         with open_dict(model.cfg):
-            model.cfg.optimizer = optimizer_config(p, gpu=False)[0] | {"foreach": True}
+            model.cfg.optimizer = optimizer_config(p.train, gpu=False)[0] | {"foreach": True}
     if not p.train.grad_checkpointing:
         model.llm.gradient_checkpointing_disable()
     timer = step_timer(warmup, model.text_pad_id)
-    trainer = make_trainer(p, gpu, [timer], False)
+    trainer = make_trainer(p.train, gpu, [timer], False)
     if gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     result: dict[str, Any]
     try:
-        trainer.fit(model, make_datamodule(model, set_dir, p))
+        trainer.fit(model, make_datamodule(model, set_dir, p.train))
         result = timer.summary()
     except torch.OutOfMemoryError:
         result = {"oom": True}
@@ -222,7 +218,7 @@ def batching(p: Params) -> dict[str, Any]:
 def decode_once(model: Any, set_dir: Path, batch_size: int, clips: int) -> dict[str, Any]:
     import torch
 
-    from stages.inference import generate_ids, load_batch, transcribe
+    from medasr.inference import generate_ids, load_batch, transcribe
 
     rows = [json.loads(line) for line in (set_dir / "train.json").read_text().splitlines()][:clips]
     paths = [set_dir / r["audio_filepath"] for r in rows]
@@ -249,13 +245,10 @@ def decode_once(model: Any, set_dir: Path, batch_size: int, clips: int) -> dict[
     }
 
 
-FIRST_STEP = re.compile(r"first training step of this process \(step (\d+)\) done ([\d.]+) s\s+after process start")
-
-
 def restart_times(model: Any, set_dir: Path, work: Path) -> dict[str, Any]:
     """`medasr train` in fresh processes on the model saved as a release-like folder (the canary-qwen-2.5b
     preset's loader): a first run to step 2, then a resume to step 3. Seconds from process start to first step."""
-    from stages.model import save_tokenizer_and_llm_config
+    from medasr.export import save_tokenizer_and_llm_config
 
     release = work / "release"
     model.save_pretrained(release)
@@ -279,14 +272,16 @@ def restart_times(model: Any, set_dir: Path, work: Path) -> dict[str, Any]:
         env = dict(
             os.environ, WANDB_MODE="disabled", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
         )
+        metrics = ws / "metrics" / "train.json"  # what the train stage records about its own start
+        metrics.unlink(missing_ok=True)
         proc = subprocess.run(
             [sys.executable, "-m", "stages.cli", "train"], cwd=ws, env=env, capture_output=True, text=True
         )
-        found = FIRST_STEP.search(proc.stdout + proc.stderr)
-        if proc.returncode != 0 or found is None:
+        if proc.returncode != 0 or not metrics.is_file():
             out[label] = {"error": (proc.stdout + proc.stderr)[-2000:]}
             break
-        out[label] = {"first_step": int(found.group(1)), "seconds_from_process_start": float(found.group(2))}
+        recorded = json.loads(metrics.read_text())
+        out[label] = {"first_step": recorded["first_step"], "seconds_from_process_start": recorded["first_step_s"]}
     return out
 
 
@@ -327,7 +322,7 @@ def main() -> None:
 
     import torch
 
-    from stages.model import build_random
+    from medasr.model import build_random
 
     gpu = torch.cuda.is_available()
     if args.size == "full" and not gpu:

@@ -1,8 +1,2 @@
-"""medasr: one module per DVC stage (fetch, subset, manifest, ...) plus the few shared modules they use."""
-
-
-class StageError(RuntimeError):
-    """A stage cannot run on its inputs as configured (missing upstream output, wrong column, unreachable source).
-
-    The CLI prints the message and exits 1, without a traceback; any other exception is a bug and keeps its traceback.
-    """
+"""What dvc.yaml runs: one module per stage (fetch, subset, manifest, testsets, train, eval) and `cli`, the `medasr`
+command line that validates params and hands each stage its own blocks. The code they share lives in `medasr`."""

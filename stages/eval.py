@@ -6,111 +6,68 @@ sets prepared under `data/testsets/` and `models/canary-qwen-medical-lora/`. Wri
 `test.<name>` for each of `eval.test_sets` (the headline: audio training never saw). Each block holds `finetuned`
 and `base` (WER, CER, raw WER, error counts, medical-term WER, RTFx) and `wer_reduction`, so `dvc metrics diff`
 shows the gain per set. `metrics/predictions.jsonl` has one row per utterance, model and set. Decoding is batched
-and greedy with the training prompt; WER is corpus-level on text normalised by stages/scoring.py.
+and greedy with the training prompt; WER is corpus-level on text normalised by medasr/scoring.py.
 """
 
 from __future__ import annotations
 
 import time
-from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from stages import StageError, testsets
-from stages.files import jsonl, read_jsonl, write_json_atomic, write_text_atomic
-from stages.log import get_logger
-from stages.params import Params
-from stages.scoring import normalize, score
+from medasr import StageError
+from medasr.files import jsonl, read_jsonl, write_json_atomic, write_text_atomic
+from medasr.inference import transcribe
+from medasr.log import get_logger
+from medasr.params import EvalParams, LoraParams, ModelParams
+from medasr.paths import (
+    EVAL_METRICS,
+    MANIFEST_DIR,
+    MODEL_DIR,
+    PREDICTIONS,
+    TESTSETS_DIR,
+    split_manifest,
+    testset_manifest,
+)
+from medasr.scoring import align, normalize, score_aligned
 
 log = get_logger(__name__)
 
-MANIFEST = Path("data/manifests/val.json")
-TESTSETS_DIR = testsets.TESTSETS_DIR
-MODEL_DIR = Path("models/canary-qwen-medical-lora")
-METRICS_FILE = Path("metrics/eval.json")
-PREDICTIONS_FILE = Path("metrics/predictions.jsonl")
 
-
-@lru_cache(maxsize=1)
-def medical_terms() -> frozenset[str]:
-    text = resources.files("stages.resources").joinpath("medical_terms.txt").read_text(encoding="utf-8")
-    return frozenset(w.strip() for w in text.splitlines() if w.strip() and not w.startswith("#"))
-
-
-def medical_term_errors(reference_norm: str, hypothesis_norm: str) -> tuple[int, int]:
-    """(lexicon words in the reference that were not recognised exactly, lexicon words in the reference)."""
-    import jiwer
-
-    ref = reference_norm.split()
-    terms = medical_terms()
-    total = sum(1 for w in ref if w in terms)
-    if not total:
-        return 0, 0
-    correct = 0
-    alignment = jiwer.process_words(reference_norm, hypothesis_norm or "")
-    for chunk in alignment.alignments[0]:
-        if chunk.type == "equal":
-            correct += sum(1 for w in ref[chunk.ref_start_idx : chunk.ref_end_idx] if w in terms)
-    return total - correct, total
-
-
-def utterance_errors(reference_norm: str, hypothesis_norm: str) -> dict[str, int]:
-    import jiwer
-
-    if not reference_norm:
-        return {"substitutions": 0, "deletions": 0, "insertions": len(hypothesis_norm.split()), "reference_words": 0}
-    words = jiwer.process_words(reference_norm, hypothesis_norm or "")
-    return {
-        "substitutions": words.substitutions,
-        "deletions": words.deletions,
-        "insertions": words.insertions,
-        "reference_words": len(reference_norm.split()),
-    }
-
-
-def evaluate(model: Any, name: str, rows: list[dict[str, Any]], base: Path, p: Params) -> tuple[dict, list[dict]]:
+def evaluate(model: Any, name: str, rows: list[dict[str, Any]], base: Path, ev: EvalParams) -> tuple[dict, list[dict]]:
     """Decode every row with `model` and score it; unreadable audio is counted, not fatal."""
-    from stages.inference import transcribe
-
-    readable, skipped = [], 0
-    for row in rows:
-        if (base / row["audio_filepath"]).is_file():
-            readable.append(row)
-        else:
-            skipped += 1
+    readable = [row for row in rows if (base / row["audio_filepath"]).is_file()]
     started = time.perf_counter()
-    hypotheses = transcribe(
-        model, [base / r["audio_filepath"] for r in readable], p.eval.batch_size, p.eval.max_new_tokens
-    )
+    hypotheses = transcribe(model, [base / r["audio_filepath"] for r in readable], ev.batch_size, ev.max_new_tokens)
     seconds = time.perf_counter() - started
     references = [r["text"] for r in readable]
-    metrics = score(references, hypotheses)
-    term_errors = term_total = 0
-    predictions = []
-    for row, hyp in zip(readable, hypotheses, strict=True):
-        ref_norm, hyp_norm = normalize(row["text"]), normalize(hyp)
-        errors, total = medical_term_errors(ref_norm, hyp_norm)
-        term_errors, term_total = term_errors + errors, term_total + total
-        predictions.append(
-            {
-                "id": row["id"],
-                "model": name,
-                "reference": row["text"],
-                "hypothesis": hyp,
-                "reference_norm": ref_norm,
-                "hypothesis_norm": hyp_norm,
-                "duration": row["duration"],
-                **utterance_errors(ref_norm, hyp_norm),
-                "medical_term_errors": errors,
-                "medical_terms": total,
-            }
-        )
+    normalized = [(normalize(r), normalize(h)) for r, h in zip(references, hypotheses, strict=True)]
+    alignments = [align(r, h) for r, h in normalized]
+    metrics = score_aligned(references, hypotheses, normalized, alignments)
+    predictions = [
+        {
+            "id": row["id"],
+            "model": name,
+            "reference": row["text"],
+            "hypothesis": hyp,
+            "reference_norm": ref_norm,
+            "hypothesis_norm": hyp_norm,
+            "duration": row["duration"],
+            "substitutions": a.substitutions,
+            "deletions": a.deletions,
+            "insertions": a.insertions,
+            "reference_words": a.reference_words,
+            "medical_term_errors": a.medical_term_errors,
+            "medical_terms": a.medical_terms,
+        }
+        for row, hyp, (ref_norm, hyp_norm), a in zip(readable, hypotheses, normalized, alignments, strict=True)
+    ]
+    term_errors, term_total = sum(a.medical_term_errors for a in alignments), sum(a.medical_terms for a in alignments)
     audio_seconds = sum(r["duration"] for r in readable)
     metrics |= {
         "medical_term_wer": term_errors / term_total if term_total else None,
         "medical_terms": term_total,
-        "skipped_audio": skipped,
+        "skipped_audio": len(rows) - len(readable),
         "audio_seconds": round(audio_seconds, 3),
         "rtfx": round(audio_seconds / seconds, 2) if seconds > 0 else None,
     }
@@ -118,14 +75,14 @@ def evaluate(model: Any, name: str, rows: list[dict[str, Any]], base: Path, p: P
 
 
 def compare(
-    models: dict[str, Any], audio_set: str, rows: list[dict[str, Any]], base: Path, p: Params
+    models: dict[str, Any], audio_set: str, rows: list[dict[str, Any]], base: Path, ev: EvalParams
 ) -> tuple[dict, list[dict]]:
     """Both models on one manifest's rows (audio paths relative to `base`): their metrics side by side, the WER
     gain, and the tagged predictions."""
     block: dict[str, Any] = {}
     predictions = []
     for name, model in models.items():
-        block[name], preds = evaluate(model, name, rows, base, p)
+        block[name], preds = evaluate(model, name, rows, base, ev)
         predictions += [{**row, "set": audio_set} for row in preds]
         log.info("%s, %s: WER %s on %d utterances", audio_set, name, _pct(block[name]["wer"]), len(rows))
     wers = (block["base"]["wer"], block["finetuned"]["wer"])
@@ -134,28 +91,34 @@ def compare(
 
 
 def run(
-    p: Params,
-    manifest: Path = MANIFEST,
+    ev: EvalParams,
+    model_p: ModelParams,
+    lora: LoraParams,
+    seed: int,
+    manifest_dir: Path = MANIFEST_DIR,
     model_dir: Path = MODEL_DIR,
-    metrics_file: Path = METRICS_FILE,
-    predictions_file: Path = PREDICTIONS_FILE,
+    metrics_file: Path = EVAL_METRICS,
+    predictions_file: Path = PREDICTIONS,
     testsets_dir: Path = TESTSETS_DIR,
 ) -> dict[str, Any]:
+    """`seed` is train.seed: the base model is the preset built with the seed training started from."""
+    manifest = split_manifest("val", manifest_dir)
     val_rows = read_jsonl(manifest) if manifest.is_file() else []
     if not val_rows:
         raise StageError(f"{manifest} is missing or empty: nothing to evaluate (raise subset.val_size)")
-    test_manifests = testsets.manifests(p, testsets_dir)
+    test_manifests = {ts.name: testset_manifest(ts.name, testsets_dir) for ts in ev.test_sets}
     missing = [str(m) for m in test_manifests.values() if not m.is_file()]
     if missing:  # before loading any model
         raise StageError(f"missing {', '.join(missing)}: run `medasr testsets` (or `dvc repro testsets`) first")
 
-    from stages.model import base_model, load_model
+    from medasr.export import load_model
+    from medasr.model import base_model
 
-    models = {"finetuned": load_model(model_dir), "base": base_model(p.model, p.lora, p.train.seed)}
+    models = {"finetuned": load_model(model_dir), "base": base_model(model_p, lora, seed)}
     metrics: dict[str, Any] = {"test": {}}
-    metrics["val"], predictions = compare(models, "val", val_rows, manifest.parent, p)
+    metrics["val"], predictions = compare(models, "val", val_rows, manifest.parent, ev)
     for name, test_manifest in test_manifests.items():
-        metrics["test"][name], preds = compare(models, name, read_jsonl(test_manifest), test_manifest.parent, p)
+        metrics["test"][name], preds = compare(models, name, read_jsonl(test_manifest), test_manifest.parent, ev)
         predictions += preds
     write_text_atomic(predictions_file, jsonl(predictions))
     write_json_atomic(metrics_file, metrics)

@@ -14,52 +14,19 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
-from stages import StageError
-from stages.audio import AudioDecodeError, Probe, map_clips, probe
-from stages.files import atomic_dir, jsonl, write_json_atomic
-from stages.log import get_logger
-from stages.params import SubsetParams
-from stages.text import clean_text, strip_tags
+from medasr import StageError
+from medasr.files import atomic_dir, jsonl, write_json_atomic
+from medasr.log import get_logger
+from medasr.params import SubsetParams
+from medasr.paths import DATA_METRICS, DROPPED, RAW_DIR, SPLITS, SUBSET_DIR, subset_split
+from medasr.raw import SHARD_GLOB, shards
+from medasr.screening import DROP_REASONS, Candidate, screen
 
 log = get_logger(__name__)
-
-RAW_DIR = Path("data/raw")
-SUBSET_DIR = Path("data/subset")
-METRICS_FILE = Path("metrics/data.json")
-SPLITS = ("train", "val")
-
-# Every reason a raw row can fail to reach a split; all are always reported (zero included) so the metric's shape
-# never changes between runs and `dvc metrics diff` compares like with like.
-DROP_REASONS = (
-    "empty_text",  # null, empty or whitespace-only transcript
-    "missing_audio",  # the source row had no audio (e.g. a file the metadata names does not exist)
-    "undecodable_audio",  # corrupt, truncated or unknown format
-    "empty_audio",  # zero samples
-    "too_short",  # below subset.min_duration
-    "too_long",  # above subset.max_duration
-    "duplicate",  # same audio bytes and same text as an earlier row
-    "duplicate_id",  # the source id column repeats with different content
-    "over_cap",  # valid, but its split already holds train_size/val_size rows with lower hashes
-)
-
-
-@dataclass(frozen=True)
-class Candidate:
-    id: str
-    raw_file: str
-    raw_row: int  # row index inside raw_file
-    group: str | None
-    duration: float
-    sample_rate: int
-    channels: int
-    text: str  # as in the source: the manifest stage applies the training-target normalisation
-    content: str  # hash of audio bytes + cleaned text: how a test set recognises a clip that is also in training
 
 
 def _hash01(*parts: str) -> float:
@@ -68,91 +35,12 @@ def _hash01(*parts: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def content_id(audio: bytes, text: str) -> str:
-    return hashlib.sha256(hashlib.sha256(audio).digest() + text.encode("utf-8")).hexdigest()[:20]
-
-
 def split_of(key: str, seed: int, val_fraction: float) -> str:
     return "val" if _hash01(str(seed), "split", key) < val_fraction else "train"
 
 
 def rank_of(row_id: str, seed: int) -> float:
     return _hash01(str(seed), "rank", row_id)
-
-
-def _inspect(row: dict[str, Any]) -> tuple[str, str | None, Probe | AudioDecodeError | None]:
-    """The per-row work that needs no other row (run on all cores): cleaned text, content hash, audio probe."""
-    text = strip_tags(clean_text(row["text"]))  # markup alone (<INAUDIBLE>) is no transcript
-    if not text or row["audio"] is None:
-        return text, None, None
-    try:
-        found: Probe | AudioDecodeError = probe(row["audio"])
-    except AudioDecodeError as exc:
-        found = exc
-    return text, content_id(row["audio"], text), found
-
-
-def screen(
-    raw_dir: Path, min_duration: float, max_duration: float
-) -> tuple[list[Candidate], list[dict[str, Any]], int]:
-    """Apply the row filters. Returns valid candidates, dropped rows (with reasons) and the number of rows read."""
-    candidates: list[Candidate] = []
-    dropped: list[dict[str, Any]] = []
-    seen_content: set[str] = set()
-    seen_ids: set[str] = set()
-    rows_in = 0
-    for shard in sorted(raw_dir.glob("part-*.parquet")):
-        rows = pq.read_table(shard).to_pylist()
-        for i, (row, (text, content, audio)) in enumerate(zip(rows, map_clips(_inspect, rows), strict=True)):
-            rows_in += 1
-            where = {"raw_file": shard.name, "raw_row": i, "source_row": row["row"], "source_path": row["source_path"]}
-
-            def drop(reason: str, detail: str = "", row_id: str | None = None, where: dict = where) -> None:
-                dropped.append({**where, "id": row_id, "reason": reason, "detail": detail})
-
-            if not text:
-                drop("empty_text", row_id=row["source_id"])
-                continue
-            if row["audio"] is None:
-                drop("missing_audio", row_id=row["source_id"])
-                continue
-            assert content is not None and audio is not None
-            row_id = row["source_id"] if row["source_id"] is not None else content
-            if content in seen_content:
-                drop("duplicate", row_id=row_id)
-                continue
-            if row_id in seen_ids:
-                drop("duplicate_id", "same id, different audio or text", row_id)
-                continue
-            if isinstance(audio, AudioDecodeError):
-                drop("empty_audio" if not row["audio"] else "undecodable_audio", str(audio), row_id)
-                continue
-            if audio.frames == 0:
-                drop("empty_audio", row_id=row_id)
-                continue
-            if audio.duration < min_duration:
-                drop("too_short", f"{audio.duration:.3f}s", row_id)
-                continue
-            if audio.duration > max_duration:
-                drop("too_long", f"{audio.duration:.3f}s", row_id)
-                continue
-            seen_content.add(content)
-            seen_ids.add(row_id)
-            candidates.append(
-                Candidate(
-                    row_id,
-                    shard.name,
-                    i,
-                    row["group"],
-                    audio.duration,
-                    audio.sample_rate,
-                    audio.channels,
-                    row["text"],
-                    content,
-                )
-            )
-        del rows
-    return candidates, dropped, rows_in
 
 
 def assign(candidates: list[Candidate], p: SubsetParams) -> tuple[dict[str, list[Candidate]], list[Candidate]]:
@@ -183,10 +71,10 @@ def summarize(rows_in: int, kept: dict[str, list[Candidate]], dropped: list[dict
 
 
 def run(
-    p: SubsetParams, raw_dir: Path = RAW_DIR, out_dir: Path = SUBSET_DIR, metrics_file: Path = METRICS_FILE
+    p: SubsetParams, raw_dir: Path = RAW_DIR, out_dir: Path = SUBSET_DIR, metrics_file: Path = DATA_METRICS
 ) -> dict[str, Any]:
-    if not any(raw_dir.glob("part-*.parquet")):
-        raise StageError(f"{raw_dir} has no part-*.parquet: run `medasr fetch` (or `dvc repro fetch`) first")
+    if not shards(raw_dir):
+        raise StageError(f"{raw_dir} has no {SHARD_GLOB}: run `medasr fetch` (or `dvc repro fetch`) first")
     candidates, dropped, rows_in = screen(raw_dir, p.min_duration, p.max_duration)
     kept, over_cap = assign(candidates, p)
     dropped += [
@@ -195,8 +83,8 @@ def run(
     metrics = summarize(rows_in, kept, dropped)
     with atomic_dir(out_dir) as tmp:
         for split in SPLITS:
-            (tmp / f"{split}.jsonl").write_text(jsonl(asdict(c) for c in kept[split]), encoding="utf-8")
-        (tmp / "dropped.jsonl").write_text(jsonl(dropped), encoding="utf-8")
+            subset_split(split, tmp).write_text(jsonl(asdict(c) for c in kept[split]), encoding="utf-8")
+        (tmp / DROPPED).write_text(jsonl(dropped), encoding="utf-8")
     write_json_atomic(metrics_file, metrics)
     for split in SPLITS:
         if not kept[split]:

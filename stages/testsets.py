@@ -20,20 +20,28 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from stages import StageError
-from stages import fetch as fetch_stage
-from stages.files import atomic_dir, jsonl, read_jsonl, write_json_atomic
-from stages.log import get_logger
-from stages.manifest import AUDIO_SUBDIR, build_split, load_raw_audio
-from stages.params import FetchParams, Params, TestSetParams
-from stages.subset import DROP_REASONS, SPLITS, Candidate, screen
+from medasr import StageError
+from medasr.clips import build_split
+from medasr.files import atomic_dir, jsonl, read_jsonl, write_json_atomic
+from medasr.log import get_logger
+from medasr.params import FetchParams, ManifestParams, SubsetParams, TestSetParams
+from medasr.paths import (
+    AUDIO_SUBDIR,
+    DROPPED,
+    SOURCE_INFO,
+    SPLITS,
+    SUBSET_DIR,
+    TESTSET_MANIFEST,
+    TESTSETS_DIR,
+    TESTSETS_METRICS,
+    subset_split,
+)
+from medasr.raw import load_audio_bytes
+from medasr.screening import DROP_REASONS, Candidate, screen
+from medasr.sources import fetch_to
 
 log = get_logger(__name__)
 
-SUBSET_DIR = Path("data/subset")
-TESTSETS_DIR = Path("data/testsets")
-METRICS_FILE = Path("metrics/testsets.json")
-MANIFEST_NAME = "manifest.json"
 # subset's reasons minus the ones about splitting, plus the leak guard
 TEST_DROP_REASONS = (*(r for r in DROP_REASONS if r != "over_cap"), "overlaps_training")
 
@@ -42,7 +50,7 @@ def training_keys(subset_dir: Path) -> dict[str, set[str]]:
     """Content hashes, ids and groups of every clip in the train and val splits."""
     keys: dict[str, set[str]] = {"content": set(), "id": set(), "group": set()}
     for split in SPLITS:
-        for row in read_jsonl(subset_dir / f"{split}.jsonl"):
+        for row in read_jsonl(subset_split(split, subset_dir)):
             keys["content"].add(row["content"])
             keys["id"].add(row["id"])
             if row["group"] is not None:
@@ -58,15 +66,21 @@ def overlap(c: Candidate, seen: dict[str, set[str]]) -> str | None:
     return None
 
 
-def prepare(ts: TestSetParams, p: Params, seen: dict[str, set[str]], out_dir: Path, work: Path) -> dict[str, Any]:
+def prepare(
+    ts: TestSetParams,
+    limits: SubsetParams,
+    style: ManifestParams,
+    seen: dict[str, set[str]],
+    out_dir: Path,
+    work: Path,
+) -> dict[str, Any]:
     """Fetch, screen and write one test set into `out_dir`; returns its summary for metrics/testsets.json."""
-    fetch_params = FetchParams(**ts.model_dump(exclude={"name"}))
     raw = work / "raw"
     try:
-        source = fetch_stage.run(fetch_params, out_dir=raw)
+        source = fetch_to(FetchParams(**ts.model_dump(exclude={"name"})), raw)
     except StageError as exc:
         raise StageError(f"eval.test_sets[{ts.name}]: {exc}") from None
-    candidates, dropped, rows_in = screen(raw, p.subset.min_duration, p.subset.max_duration)
+    candidates, dropped, rows_in = screen(raw, limits.min_duration, limits.max_duration)
     kept = []
     for c in candidates:
         why = overlap(c, seen)
@@ -79,10 +93,10 @@ def prepare(ts: TestSetParams, p: Params, seen: dict[str, set[str]], out_dir: Pa
     kept.sort(key=lambda c: c.id)
     (out_dir / AUDIO_SUBDIR).mkdir(parents=True)
     rows = [asdict(c) for c in kept]
-    text, repairs = build_split(rows, load_raw_audio(raw, rows), out_dir, p.manifest)
-    (out_dir / MANIFEST_NAME).write_text(text, encoding="utf-8")
-    (out_dir / "dropped.jsonl").write_text(jsonl(dropped), encoding="utf-8")
-    write_json_atomic(out_dir / "source.json", source)
+    text, repairs = build_split(rows, load_audio_bytes(raw, rows), out_dir, style)
+    (out_dir / TESTSET_MANIFEST).write_text(text, encoding="utf-8")
+    (out_dir / DROPPED).write_text(jsonl(dropped), encoding="utf-8")
+    write_json_atomic(out_dir / SOURCE_INFO, source)
     reasons = Counter(d["reason"] for d in dropped)
     bad = {r: n for r, n in reasons.items() if n}
     summary: dict[str, Any] = {
@@ -96,38 +110,35 @@ def prepare(ts: TestSetParams, p: Params, seen: dict[str, set[str]], out_dir: Pa
     if not kept:
         raise StageError(f"eval.test_sets[{ts.name}]: no usable utterance out of {rows_in} rows (dropped: {bad})")
     log.info(
-        "test set %s: %d of %d rows (%.2f h); dropped %s",
-        ts.name,
-        len(kept),
-        rows_in,
-        summary["hours"],
-        bad or "none",
+        "test set %s: %d of %d rows (%.2f h); dropped %s", ts.name, len(kept), rows_in, summary["hours"], bad or "none"
     )
     return summary
 
 
 def run(
-    p: Params, subset_dir: Path = SUBSET_DIR, out_dir: Path = TESTSETS_DIR, metrics_file: Path = METRICS_FILE
+    test_sets: list[TestSetParams],
+    limits: SubsetParams,
+    style: ManifestParams,
+    subset_dir: Path = SUBSET_DIR,
+    out_dir: Path = TESTSETS_DIR,
+    metrics_file: Path = TESTSETS_METRICS,
 ) -> dict[str, Any]:
-    missing = [f"{subset_dir}/{s}.jsonl" for s in SPLITS if not (subset_dir / f"{s}.jsonl").is_file()]
+    """`test_sets` is eval.test_sets; `limits` (subset.*) gives the clip-length filters, `style` (manifest.*) the
+    transcript rules."""
+    missing = [str(subset_split(s, subset_dir)) for s in SPLITS if not subset_split(s, subset_dir).is_file()]
     if missing:
         raise StageError(f"missing {', '.join(missing)}: run `medasr subset` (or `dvc repro subset`) first")
     seen = training_keys(subset_dir)
     summaries: dict[str, Any] = {}
     with atomic_dir(out_dir) as tmp:
-        for ts in p.eval.test_sets:
+        for ts in test_sets:
             # the raw shards are only a step on the way: kept beside the output (same disk), removed after
             work = Path(tempfile.mkdtemp(dir=tmp.parent, prefix=f".{ts.name}-raw."))
             try:
-                summaries[ts.name] = prepare(ts, p, seen, tmp / ts.name, work)
+                summaries[ts.name] = prepare(ts, limits, style, seen, tmp / ts.name, work)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
     write_json_atomic(metrics_file, summaries)
     if not summaries:
         log.info("eval.test_sets is empty: eval scores the val split only")
     return summaries
-
-
-def manifests(p: Params, base: Path = TESTSETS_DIR) -> dict[str, Path]:
-    """The prepared manifest of every configured test set, by name (what the eval stage reads)."""
-    return {ts.name: base / ts.name / MANIFEST_NAME for ts in p.eval.test_sets}

@@ -18,8 +18,8 @@ def committed_params() -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def demo_manifests(tmp_path_factory) -> Path:
     """The bundled demo audio through fetch -> subset -> manifest, once per test session."""
+    from medasr.params import FetchParams, ManifestParams, SubsetParams
     from stages import fetch, manifest, subset
-    from stages.params import FetchParams, ManifestParams, SubsetParams
 
     root = tmp_path_factory.mktemp("demo")
     fetch.run(

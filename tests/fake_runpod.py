@@ -1,4 +1,4 @@
-"""RunPod's v2 pod API on 127.0.0.1, as its published OpenAPI document (stages/resources/runpod-openapi-v2.json)
+"""RunPod's v2 pod API on 127.0.0.1, as its published OpenAPI document (medasr/resources/runpod-openapi-v2.json)
 describes it: bearer auth, every request body checked against the document's schema (422 with the errors, and
 recorded, when it does not match), and pods whose JSON matches the document's `Pod` schema. No traffic leaves the
 machine; the tests drive the pod lifecycle (a pod dies, a stopped pod's machine has no GPU left, ...)."""
@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from stages.pod import schema_errors
+from medasr.ops.runpod import schema_errors
 
 
 def _now() -> str:

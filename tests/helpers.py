@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import soundfile as sf
 import yaml
 
-from stages.params import Params, parse_params
+from medasr.params import Params, parse_params, with_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "data" / "sources" / "demo"
@@ -216,21 +216,11 @@ def run(cwd: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess
 def set_params(repo: Path, **overrides: Any) -> None:
     """Edit params.yaml in a scratch repo: set_params(repo, **{"fetch.dataset": "x"})."""
     path = repo / "params.yaml"
-    data = yaml.safe_load(path.read_text())
-    for key, value in overrides.items():
-        block, field = key.split(".")
-        data[block][field] = value
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    path.write_text(yaml.safe_dump(with_overrides(yaml.safe_load(path.read_text()), overrides), sort_keys=False))
 
 
 def tiny_params(**overrides: Any) -> Params:
     """The committed params with the tiny preset and a short, fast training run; override with "train.lr"=..."""
-    data = yaml.safe_load(committed_params_text())
-    data["model"]["preset"] = "tiny"
-    data["train"].update(
-        max_steps=12, checkpoint_every=4, batch_size=4, lr=3e-3, warmup_steps=2, val_every=0, val_max_utts=6
-    )
-    for key, value in overrides.items():
-        block, field = key.split(".")
-        data[block][field] = value
-    return parse_params(data)
+    short = {"model.preset": "tiny", "train.max_steps": 12, "train.checkpoint_every": 4, "train.batch_size": 4}
+    short |= {"train.lr": 3e-3, "train.warmup_steps": 2, "train.val_every": 0, "train.val_max_utts": 6}
+    return parse_params(with_overrides(yaml.safe_load(committed_params_text()), short | overrides))

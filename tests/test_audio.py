@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from helpers import audio_bytes, tone, wav
 
-from stages.audio import TARGET_SAMPLE_RATE, AudioDecodeError, decode, encode_flac, probe, to_model_input
+from medasr.audio import TARGET_SAMPLE_RATE, AudioDecodeError, decode, encode_flac, probe, to_model_input
 
 
 def dominant_frequency(samples: np.ndarray, rate: int) -> float:
@@ -58,7 +58,7 @@ def test_float_audio_with_nan_is_refused_but_integer_pcm_is_not_scanned():
 
     import soundfile as sf
 
-    from stages.audio import AudioDecodeError, decode
+    from medasr.audio import AudioDecodeError, decode
 
     samples = np.zeros(1600, dtype=np.float32)
     samples[100] = np.nan

@@ -11,8 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import DEMO_DATA, wav, write_audio_parquet
 
+from medasr import sources
+from medasr.params import FetchParams
+from medasr.sources.base import FetchError
 from stages import fetch
-from stages.params import FetchParams
 
 
 def params(dataset: Path | str, **kw) -> FetchParams:
@@ -122,7 +124,7 @@ def test_nemo_manifest_with_relative_paths_segments_and_bad_lines(tmp_path):
     assert info["kind"] == "nemo_manifest" and info["skipped"] == {"malformed_manifest_line": 2}
     assert [r["text"] for r in rows] == ["whole file", "a segment", "missing"]
     assert rows[0]["audio"] == wav(1.0)
-    from stages.audio import decode
+    from medasr.audio import decode
 
     segment = decode(rows[1]["audio"])
     assert segment.sample_rate == 8_000 and segment.duration == pytest.approx(1.5)
@@ -135,7 +137,7 @@ def test_wrong_column_names_list_the_real_ones_and_keep_old_output(tmp_path):
     out.mkdir()
     (out / "part-00000.parquet").write_bytes(b"previous output")
 
-    with pytest.raises(fetch.FetchError) as info:
+    with pytest.raises(FetchError) as info:
         fetch.run(params(source, text_column="sentence", id_column="utt_id"), out_dir=out)
 
     message = str(info.value)
@@ -150,19 +152,19 @@ def test_wrong_column_names_list_the_real_ones_and_keep_old_output(tmp_path):
     [("Hani89/medical_asr_recording_dataset", "hub"), ("librispeech_asr", "hub"), ("ekacare/eka.v2", "hub")],
 )
 def test_hub_ids_are_recognised(dataset, kind):
-    assert fetch.resolve_source(dataset).kind == kind
+    assert sources.resolve(dataset).kind == kind
 
 
 @pytest.mark.parametrize("dataset", ["./no/such/dir", "data/sources/nope/x.parquet", "~/missing"])
 def test_missing_local_paths_are_not_sent_to_the_hub(dataset):
-    with pytest.raises(fetch.FetchError, match="no such local path"):
-        fetch.resolve_source(dataset)
+    with pytest.raises(FetchError, match="no such local path"):
+        sources.resolve(dataset)
 
 
 def test_unsupported_local_file(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(fetch.FetchError, match=r"\.parquet or a NeMo manifest"):
-        fetch.resolve_source(str(tmp_path / "notes.txt"))
+    with pytest.raises(FetchError, match=r"\.parquet or a NeMo manifest"):
+        sources.resolve(str(tmp_path / "notes.txt"))
 
 
 def test_unreachable_hub_is_a_clear_error(tmp_path, committed_params):
@@ -217,7 +219,7 @@ def test_osce_segment_list_in_the_published_layout(tmp_path):
         "CAR0003-00000000-00001000",
     ]
     assert [r["group"] for r in rows] == ["RES0001", "RES0001", "GAS0002", "CAR0003"]  # interviews stay whole
-    from stages.audio import decode
+    from medasr.audio import decode
 
     first, third = decode(rows[0]["audio"]), decode(rows[2]["audio"])
     assert first.duration == pytest.approx(1.75, abs=0.01) and third.sample_rate == 44_100
@@ -228,7 +230,7 @@ def test_osce_segment_list_in_the_published_layout(tmp_path):
 
     fetch.run(params(corpus, split="test"), out_dir=tmp_path / "raw-test")
     assert [r["text"] for r in raw_rows(tmp_path / "raw-test")] == ["TEST SEGMENT"]
-    with pytest.raises(fetch.FetchError, match=r"medical_dev\.info not found"):
+    with pytest.raises(FetchError, match=r"medical_dev\.info not found"):
         fetch.run(params(corpus, split="dev"), out_dir=tmp_path / "raw-dev")
 
 
@@ -258,7 +260,7 @@ def test_primock57_textgrids_in_the_published_layout(tmp_path):
     import soundfile as sf
     from helpers import tone
 
-    from stages.audio import decode
+    from medasr.audio import decode
 
     corpus = tmp_path / "primock57"
     (corpus / "audio").mkdir(parents=True)

@@ -11,11 +11,12 @@ import pytest
 import soundfile as sf
 from helpers import raw_row, wav
 
+from medasr.clips import audio_name
+from medasr.files import read_jsonl
+from medasr.params import ManifestParams, SubsetParams
+from medasr.raw import write_shards
+from medasr.text import clean_text
 from stages import manifest, subset
-from stages.fetch import write_shards
-from stages.files import read_jsonl
-from stages.params import ManifestParams, SubsetParams
-from stages.text import clean_text
 
 SUBSET = SubsetParams(seed=3, train_size=100, val_size=25, min_duration=0.1, max_duration=10.0)
 
@@ -96,7 +97,7 @@ def test_osce_style_references_are_cleaned_and_markup_only_rows_dropped(tmp_path
 
 
 def test_audio_names_are_safe_and_unique():
-    names = {manifest.audio_name(i) for i in ("a/b c", "a_b_c", "../../etc/passwd", "é" * 80, "")}
+    names = {audio_name(i) for i in ("a/b c", "a_b_c", "../../etc/passwd", "é" * 80, "")}
     assert len(names) == 5
     assert all("/" not in n and n.endswith(".flac") and not n.startswith(".") for n in names)
 
@@ -125,9 +126,9 @@ def test_cli_reports_missing_upstream_output_without_a_traceback(tmp_path, monke
     from helpers import REPO
     from typer.testing import CliRunner
 
-    from stages.cli import EXIT_STAGE_FAILED, app
+    from stages.cli import EXIT_FAILED, app
 
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["manifest", "--params", str(REPO / "params.yaml")])
-    assert result.exit_code == EXIT_STAGE_FAILED
+    assert result.exit_code == EXIT_FAILED
     assert "run `medasr subset`" in result.output and "Traceback" not in result.output

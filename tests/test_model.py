@@ -10,6 +10,15 @@ from helpers import tiny_params
 
 pytestmark = pytest.mark.e2e
 
+# The adapter canary-qwen-2.5b ships inside its checkpoint (its config.json's `lora` block): the loader must merge it.
+RELEASED_LORA = {
+    "task_type": "CAUSAL_LM",
+    "r": 128,
+    "lora_alpha": 256,
+    "lora_dropout": 0.01,
+    "target_modules": ["q_proj", "v_proj"],
+}
+
 
 def released_like_checkpoint(out, llm_layers: int = 1, encoder_layers: int = 1):
     """canary-qwen-2.5b's released architecture (Qwen3-1.7B shapes + canary-1b-flash FastConformer + LoRA r=128),
@@ -18,13 +27,8 @@ def released_like_checkpoint(out, llm_layers: int = 1, encoder_layers: int = 1):
     from nemo.collections.speechlm2.models import SALM
     from transformers import Qwen3Config
 
-    from stages.model import (
-        RELEASED_LLM,
-        RELEASED_LORA,
-        RELEASED_PERCEPTION,
-        random_llm_dir,
-        save_tokenizer_and_llm_config,
-    )
+    from medasr.architectures import RELEASED_LLM, RELEASED_PERCEPTION, random_llm_dir
+    from medasr.export import save_tokenizer_and_llm_config
 
     shapes = {k: v for k, v in RELEASED_LLM.items() if k != "vocab_size"} | {"num_hidden_layers": llm_layers}
     llm_dir = random_llm_dir(out / "qwen3_src", shapes)
@@ -55,7 +59,7 @@ def released_like_checkpoint(out, llm_layers: int = 1, encoder_layers: int = 1):
 
 
 def test_released_architecture_loads_through_the_preset_loader(tmp_path):
-    from stages.model import apply_freeze, load_released
+    from medasr.model import apply_freeze, load_released
 
     original, ckpt = released_like_checkpoint(tmp_path)
     p = tiny_params(**{"model.preset": "canary-qwen-2.5b", "model.pretrained": str(ckpt)})
@@ -81,8 +85,8 @@ def test_released_architecture_loads_through_the_preset_loader(tmp_path):
 
 
 def test_unloadable_pretrained_is_a_clear_error(tmp_path):
-    from stages import StageError
-    from stages.model import load_released
+    from medasr import StageError
+    from medasr.model import load_released
 
     p = tiny_params()
     with pytest.raises(StageError, match=r"could not load model\.pretrained"):
@@ -94,9 +98,9 @@ def tiny_asr_nemo(path):
     from nemo.collections.asr.models import EncDecCTCModel
     from omegaconf import OmegaConf
 
-    from stages.model import _tiny_perception
+    from medasr.architectures import tiny_perception
 
-    perception = _tiny_perception(64)
+    perception = tiny_perception(64)
     labels = list("abcdefghijklmnopqrstuvwxyz' ")
     decoder = {
         "_target_": "nemo.collections.asr.modules.ConvASRDecoder",
@@ -120,7 +124,7 @@ def tiny_hf_llm(path, hidden: int = 96):
     """A tiny HF causal LM folder whose width differs from the encoder's, so the projection is a real Linear."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from stages.model import TINY_LLM, random_llm_dir
+    from medasr.architectures import TINY_LLM, random_llm_dir
 
     random_llm_dir(path, TINY_LLM)
     tiny = Qwen3Config.from_pretrained(path)
@@ -145,8 +149,8 @@ def test_compose_preset_trains_a_local_nemo_encoder_with_a_local_hf_llm(tmp_path
     from nemo.collections.asr.models import ASRModel
     from transformers import AutoModelForCausalLM
 
-    from stages import train
-    from stages.model import load_model
+    from medasr.export import load_model
+    from stages.train.run import run
 
     nemo = tiny_asr_nemo(tmp_path / "asr.nemo")
     llm_dir = tiny_hf_llm(tmp_path / "llm")
@@ -158,13 +162,16 @@ def test_compose_preset_trains_a_local_nemo_encoder_with_a_local_hf_llm(tmp_path
             "train.max_steps": 4,
         }
     )
-    metrics = train.run(
-        p,
+    metrics = run(
+        p.model,
+        p.lora,
+        p.train,
         manifest_dir=demo_manifests,
         ckpt_root=tmp_path / "ckpt",
         model_dir=tmp_path / "model",
         metrics_file=tmp_path / "train.json",
         curves_dir=tmp_path / "curves",
+        mirror_checkpoints=False,  # never into whatever remote the developer's checkout has
     )
     model = load_model(tmp_path / "model")
 

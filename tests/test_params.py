@@ -10,8 +10,8 @@ import yaml
 from helpers import committed_params_text
 from typer.testing import CliRunner
 
+from medasr.params import ParamsError, load_params, parse_params
 from stages.cli import EXIT_BAD_PARAMS, app
-from stages.params import ParamsError, load_params, parse_params
 
 
 def test_committed_params_are_valid(tmp_path):

@@ -14,19 +14,9 @@ import pytest
 from fake_runpod import FakeRunPod
 from helpers import git, run_env, scratch_clone
 
-from stages.pod import (
-    LaunchState,
-    PodError,
-    PodSpec,
-    RunPodAPI,
-    WatchSettings,
-    create_payload,
-    decide,
-    redacted,
-    schema_errors,
-    watch,
-)
-from stages.remote import publish_status, read_status
+from medasr.ops.runpod import LaunchState, PodError, PodSpec, RunPodAPI, create_payload, redacted, schema_errors
+from medasr.ops.status import publish_status, read_status
+from medasr.ops.watch import WatchSettings, decide, watch
 
 KEY = "rpa_test_key_0123456789"
 SECRETS = {"AWS_SECRET_ACCESS_KEY": "planted-aws-secret", "WANDB_API_KEY": "planted-wandb-key"}
@@ -95,8 +85,7 @@ def beat(repo: Path, state: str, pod: str, detail: str = "", age_s: float = 0) -
     logs.mkdir(exist_ok=True)
     record = {"time": time.time() - age_s, "state": state, "detail": detail, "pod": pod, "run": "r1"}
     (logs / "heartbeat").write_text(json.dumps(record))
-    (logs / "runpod.log").write_text(f"[runpod.sh] {state}\n")
-    publish_status(logs / "heartbeat", [logs / "runpod.log"], "r1", repo)
+    publish_status(logs / "heartbeat", "r1", repo)
 
 
 class Scenario:
@@ -132,7 +121,7 @@ def test_watch_recovers_a_stopped_pod_and_a_silent_one_then_stops_when_the_pipel
     scenario = Scenario([lambda: None, interrupted, lambda: None, silent, lambda: beat(dvc_repo, "done", "x")])
     said: list[str] = []
     settings = WatchSettings(max_usd=100, poll_s=30, stale_after_s=300, backoff_base_s=0)
-    read = lambda run_id: read_status(run_id, dvc_repo)[0]  # noqa: E731
+    read = lambda run_id: read_status(run_id, dvc_repo)  # noqa: E731
     code = watch(api, state, read, ENV, settings, clock=scenario.clock, sleep=scenario.sleep, say=said.append)
 
     assert code == 0, said
@@ -167,7 +156,7 @@ def test_watch_does_not_revive_a_run_that_gave_up(fake, dvc_repo):
     fake.set_status(pod, "EXITED")  # runpod.sh stopped its own pod after giving up
     beat(dvc_repo, "gave up", pod, detail="5 fast failures in a row")
     said: list[str] = []
-    read = lambda run_id: read_status(run_id, dvc_repo)[0]  # noqa: E731
+    read = lambda run_id: read_status(run_id, dvc_repo)  # noqa: E731
     code = watch(api, LaunchState(pod, spec()), read, ENV, WatchSettings(), time.time, lambda s: None, said.append)
     assert code == 1 and "gave up: 5 fast failures in a row" in said[-1]
     assert [m for m, p, b in fake.requests if m == "POST"] == ["POST"]  # only the create: nothing revived
@@ -231,7 +220,7 @@ def test_watch_keeps_trying_when_no_gpu_can_be_placed_for_a_while(fake, dvc_repo
     scenario = Scenario([capacity_back, lambda: None, lambda: beat(dvc_repo, "done", "x")])
     said: list[str] = []
     state = LaunchState(pod, spec())
-    read = lambda run_id: read_status(run_id, dvc_repo)[0]  # noqa: E731
+    read = lambda run_id: read_status(run_id, dvc_repo)  # noqa: E731
     settings = WatchSettings(backoff_base_s=0)
     code = watch(api, state, read, ENV, settings, scenario.clock, scenario.sleep, said.append)
     assert code == 0, said

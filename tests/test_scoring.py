@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stages.eval import medical_term_errors, medical_terms, utterance_errors
-from stages.scoring import normalize, score
+from medasr.scoring import medical_term_errors, medical_terms, normalize, score, utterance_errors
 
 # Cases from OpenAI Whisper's own tests (openai/whisper, tests/test_normalizer.py): the normaliser we use must
 # behave as the one the Open ASR leaderboard uses.

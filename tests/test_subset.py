@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 from helpers import raw_row, wav
 
-from stages import StageError, subset
-from stages.fetch import write_shards
-from stages.files import read_jsonl
-from stages.params import SubsetParams
+from medasr import StageError
+from medasr.files import read_jsonl
+from medasr.params import SubsetParams
+from medasr.paths import SPLITS
+from medasr.raw import write_shards
+from stages import subset
 
 
 def params(**kw) -> SubsetParams:
@@ -38,7 +40,7 @@ def run(tmp: Path, rows: list[dict], p: SubsetParams) -> tuple[dict, dict[str, l
     out, metrics_file = tmp / "subset", tmp / "metrics" / "data.json"
     metrics = subset.run(p, raw_dir=raw, out_dir=out, metrics_file=metrics_file)
     assert json.loads(metrics_file.read_text()) == metrics
-    kept = {s: read_jsonl(out / f"{s}.jsonl") for s in subset.SPLITS}
+    kept = {s: read_jsonl(out / f"{s}.jsonl") for s in SPLITS}
     return metrics, kept, read_jsonl(out / "dropped.jsonl")
 
 
@@ -62,7 +64,7 @@ def test_caps_keep_the_lowest_hashes_so_growth_only_displaces(tmp_path):
 
     assert len(after["train"]) == 40 and len(after["val"]) == 8
     assert metrics["dropped"]["over_cap"] == 200 - 48 == sum(d["reason"] == "over_cap" for d in dropped)
-    for split in subset.SPLITS:
+    for split in SPLITS:
         kept_after = {r["id"] for r in after[split]}
         new_rows = kept_after - {r["id"] for r in before[split]}
         # an old row can only leave because a new row with a lower hash took its place

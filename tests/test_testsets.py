@@ -13,9 +13,10 @@ import soundfile as sf
 import yaml
 from helpers import DEMO_DATA, REPO, committed_params_text, tiny_params, tone
 
-from stages import StageError, testsets
-from stages.files import read_jsonl
-from stages.params import ParamsError
+from medasr import StageError
+from medasr.files import read_jsonl
+from medasr.params import ParamsError
+from stages import testsets
 
 CONSULTATIONS = REPO / "data" / "sources" / "demo-consultations"
 
@@ -23,7 +24,9 @@ CONSULTATIONS = REPO / "data" / "sources" / "demo-consultations"
 def prepare(tmp_path: Path, demo_manifests: Path, *test_sets: dict) -> dict:
     p = tiny_params(**{"eval.test_sets": list(test_sets)})
     root = demo_manifests.parent  # the session's demo data: raw/, subset/, manifests/
-    return testsets.run(p, root / "subset", tmp_path / "testsets", tmp_path / "testsets.json")
+    return testsets.run(
+        p.eval.test_sets, p.subset, p.manifest, root / "subset", tmp_path / "testsets", tmp_path / "testsets.json"
+    )
 
 
 def test_bundled_consultations_are_cut_cleaned_and_resampled(tmp_path, demo_manifests):
@@ -112,4 +115,12 @@ def test_eval_names_a_missing_test_set_before_loading_a_model(tmp_path, demo_man
 
     p = tiny_params(**{"eval.test_sets": [{"name": "consult", "dataset": str(CONSULTATIONS)}]})
     with pytest.raises(StageError, match=r"testsets/consult/manifest.json: run `medasr testsets`"):
-        eval_stage.run(p, demo_manifests / "val.json", tmp_path / "no-model", testsets_dir=tmp_path / "testsets")
+        eval_stage.run(
+            p.eval,
+            p.model,
+            p.lora,
+            p.train.seed,
+            demo_manifests,
+            tmp_path / "no-model",
+            testsets_dir=tmp_path / "testsets",
+        )

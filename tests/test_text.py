@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stages.text import is_all_caps, sentence_case, strip_tags, training_text
+from medasr.text import is_all_caps, sentence_case, strip_tags, training_text
 
 
 @pytest.mark.parametrize(

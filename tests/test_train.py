@@ -20,17 +20,20 @@ import torch
 import yaml
 from helpers import run_env, tiny_params
 
-from stages import StageError
-from stages.train import STATE, data_hash, find_resumable, fingerprint
+from medasr import StageError
+from medasr.paths import CHECKPOINT_STATE as STATE
+from stages.train.checkpoints import data_hash, find_resumable, fingerprint
 
 pytestmark = pytest.mark.e2e
 
 
 def train_in(tmp: Path, manifests: Path, p) -> dict:
-    from stages import train
+    from stages.train.run import run
 
-    return train.run(
-        p,
+    return run(
+        p.model,
+        p.lora,
+        p.train,
         manifest_dir=manifests,
         ckpt_root=tmp / "ckpt",
         model_dir=tmp / "model",
@@ -45,9 +48,9 @@ def teacher_forced_loss(model, manifests: Path) -> float:
     from nemo.collections.speechlm2.data import DataModule, SALMDataset
     from omegaconf import OmegaConf
 
-    from stages.train import data_config
+    from stages.train.config import data_config
 
-    cfg = data_config(manifests, tiny_params(**{"train.batch_size": 8}))
+    cfg = data_config(manifests, tiny_params(**{"train.batch_size": 8}).train)
     cfg["train_ds"]["shuffle"] = False
     dm = DataModule(OmegaConf.create(cfg), tokenizer=model.tokenizer, dataset=SALMDataset(model.tokenizer))
     batch = next(iter(dm.train_dataloader()))
@@ -63,7 +66,8 @@ def teacher_forced_loss(model, manifests: Path) -> float:
 
 
 def test_only_lora_encoder_and_projection_learn_and_loss_falls(tmp_path, demo_manifests):
-    from stages.model import base_model, load_model
+    from medasr.export import load_model
+    from medasr.model import base_model
 
     p = tiny_params(**{"train.max_steps": 20})
     before = base_model(p.model, p.lora, p.train.seed)
@@ -108,7 +112,7 @@ def test_changed_lora_rank_starts_fresh_and_raised_max_steps_continues(tmp_path,
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, demo_manifests, caplog):
     p = tiny_params(**{"train.max_steps": 8, "train.keep_checkpoints": 3})
     train_in(tmp_path, demo_manifests, p)
-    fp = fingerprint(p, data_hash(demo_manifests))
+    fp = fingerprint(p.model, p.lora, p.train, data_hash(demo_manifests))
     run_dir = tmp_path / "ckpt" / fp
     assert find_resumable(run_dir, fp).step == 8
 
@@ -139,8 +143,8 @@ def test_empty_train_split_is_refused(tmp_path):
 
 
 def test_exported_model_reloads_and_transcribes(tmp_path, demo_manifests):
-    from stages.inference import transcribe
-    from stages.model import load_model
+    from medasr.export import load_model
+    from medasr.inference import transcribe
 
     train_in(tmp_path, demo_manifests, tiny_params(**{"train.max_steps": 4}))
     meta = json.loads((tmp_path / "model" / "medasr.json").read_text())
@@ -282,12 +286,12 @@ def _mixed_length_manifests(folder: Path) -> Path:
 
 def _epoch_batches(manifests: Path, p) -> list[list[float]]:
     """The clip lengths (s) of every batch of one training epoch, as the train stage's data module draws them."""
-    from stages.model import build_tiny
-    from stages.train import make_datamodule
+    from medasr.model import build_tiny
+    from stages.train.data import make_datamodule
 
     with tempfile.TemporaryDirectory() as tmp:
         model = build_tiny(p.lora, p.model.trainable, 0, Path(tmp))
-    loader = make_datamodule(model, manifests, p).train_dataloader()
+    loader = make_datamodule(model, manifests, p.train).train_dataloader()
     return [sorted((batch["audio_lens"] / 16000).round().tolist()) for batch in loader]
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import soundfile as sf
 
-from stages.audio import decode, to_model_input
+from medasr.audio import decode, to_model_input
 
 
 def load_audio(path: Path) -> Any:
@@ -41,7 +41,7 @@ def generate_ids(model: Any, audios: Any, lens: Any, max_new_tokens: int, min_ne
     """Greedy new token ids (batch, tokens) for a padded audio batch, with the training prompt."""
     import torch
 
-    from stages.model import PROMPT
+    from medasr.model import PROMPT
 
     with torch.inference_mode():
         return model.generate(

@@ -5,7 +5,8 @@
 - Weights & Biases: project `medical-asr-poc-<model.preset>`, run name from the LoRA params and fingerprint.
   Online when WANDB_API_KEY is set, offline otherwise (sync later with `wandb sync`), off with
   WANDB_MODE=disabled. The run id is kept beside the checkpoint, so a resumed run appends to the same W&B run.
-Only params go into the W&B config: they are validated and hold no secrets (those stay in the environment).
+Only the train stage's params blocks go into the W&B config: they are validated and hold no secrets (those stay
+in the environment).
 """
 
 from __future__ import annotations
@@ -17,13 +18,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from stages.log import get_logger
-from stages.params import Params
+from medasr.log import get_logger
+from medasr.paths import DVCLIVE_DIR, TRAIN_CURVES_DIR, WANDB_ID_FILE
 
 log = get_logger(__name__)
-
-CURVES_DIR = Path("metrics/train_curves")
-WANDB_ID_FILE = "wandb_run_id"
 
 
 def truncate_history(live_dir: Path, step: int) -> None:
@@ -39,7 +37,7 @@ def truncate_history(live_dir: Path, step: int) -> None:
             writer.writerows(kept)
 
 
-def wandb_info(run_dir: Path, p: Params, fp: str) -> dict[str, Any] | None:
+def wandb_info(run_dir: Path, preset: str, lora_rank: int, fp: str) -> dict[str, Any] | None:
     """The W&B run this training writes to (id stable across resumes), or None when W&B is disabled."""
     mode = wandb_mode()
     if mode == "disabled":
@@ -49,13 +47,15 @@ def wandb_info(run_dir: Path, p: Params, fp: str) -> dict[str, Any] | None:
         id_file.write_text(secrets.token_hex(4) + "\n")  # W&B run ids: short, lowercase alphanumeric
     return {
         "id": id_file.read_text().strip(),
-        "project": f"medical-asr-poc-{p.model.preset}",
-        "name": f"lora-r{p.lora.rank}-{fp[:8]}",
+        "project": f"medical-asr-poc-{preset}",
+        "name": f"lora-r{lora_rank}-{fp[:8]}",
         "offline": mode != "online",
     }
 
 
 def wandb_mode() -> str:
+    """online with a key, offline without one, unless WANDB_MODE says otherwise: the one rule training, `doctor`,
+    `medasr wandb check` and runpod.sh (through that command) follow."""
     return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
 
 
@@ -78,10 +78,13 @@ def verify_wandb(timeout_s: int = 20) -> str | None:
     return None
 
 
-def loggers(p: Params, run_dir: Path, fp: str, resumed_step: int | None) -> tuple[list[Any], dict[str, Any] | None]:
+def loggers(
+    preset: str, lora_rank: int, config: dict[str, Any], run_dir: Path, fp: str, resumed_step: int | None
+) -> tuple[list[Any], dict[str, Any] | None]:
+    """DVCLive (always) and W&B (unless disabled) loggers; `config` is what W&B records as the run's config."""
     from dvclive.lightning import DVCLiveLogger
 
-    live_dir = run_dir / "dvclive"
+    live_dir = run_dir / DVCLIVE_DIR
     if resumed_step is None:
         shutil.rmtree(live_dir, ignore_errors=True)
     else:
@@ -90,7 +93,7 @@ def loggers(p: Params, run_dir: Path, fp: str, resumed_step: int | None) -> tupl
     out: list[Any] = [
         DVCLiveLogger(dir=str(live_dir), resume=resumed_step is not None, dvcyaml=None, save_dvc_exp=False)
     ]
-    info = wandb_info(run_dir, p, fp)
+    info = wandb_info(run_dir, preset, lora_rank, fp)
     if info is not None:
         from lightning.pytorch.loggers import WandbLogger
 
@@ -105,7 +108,7 @@ def loggers(p: Params, run_dir: Path, fp: str, resumed_step: int | None) -> tupl
             resume="allow",
             save_dir=str(run_dir),
             offline=info["offline"],
-            config=p.model_dump(),
+            config=config,
         )
         out.append(logger)
         if info["offline"]:
@@ -118,8 +121,8 @@ def loggers(p: Params, run_dir: Path, fp: str, resumed_step: int | None) -> tupl
     return out, info
 
 
-def publish_curves(run_dir: Path, out: Path = CURVES_DIR) -> None:
+def publish_curves(run_dir: Path, out: Path = TRAIN_CURVES_DIR) -> None:
     """Copy the DVCLive files to the stage's declared plots output."""
     shutil.rmtree(out, ignore_errors=True)
-    if (run_dir / "dvclive").is_dir():
-        shutil.copytree(run_dir / "dvclive", out)
+    if (run_dir / DVCLIVE_DIR).is_dir():
+        shutil.copytree(run_dir / DVCLIVE_DIR, out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,6 +17,18 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def update_digest(digest: Any, path: Path) -> Any:
+    """Feed a file to a hashlib digest in 1 MiB blocks (checkpoints are GBs); returns the digest."""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest
+
+
+def sha256_file(path: Path) -> str:
+    return update_digest(hashlib.sha256(), path).hexdigest()
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -1,12 +1,9 @@
-"""`medasr pod up|status|logs|down|watch`: run the pipeline on a RunPod GPU pod, from your own machine.
-
-`up` creates a pod whose start command clones this repo onto the volume and runs `bash runpod.sh`; `watch` is the
-controller a pod cannot be for itself: it polls the pod and the heartbeat runpod.sh publishes to the DVC remote, and
-when the pod stopped, died or hung before the pipeline finished, it starts, restarts or recreates it (on the same
-network volume) with backoff, under a spending cap, until the metrics land.
+"""RunPod from your own machine: the API client, the pod request `medasr pod up` sends, and the launch state this
+checkout keeps. `up` creates a pod whose start command clones this repo onto the volume and runs `bash runpod.sh`;
+the watcher that keeps it alive is medasr/ops/watch.py.
 
 RunPod's REST API v2. Every request body is validated, before it is sent, against RunPod's published OpenAPI
-document kept in `stages/resources/runpod-openapi-v2.json` (source: github.com/runpod/docs,
+document kept in `medasr/resources/runpod-openapi-v2.json` (source: github.com/runpod/docs,
 `api-reference-v2/openapi.json` at commit 098c7fb0, 2026-08-18, "Frontdoor v2.9.0"; copied 2026-11-21).
 Secrets travel only in the create request's `env` (that is how a pod gets them); they are never printed, logged or
 written to the state file.
@@ -16,25 +13,22 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-from stages import StageError
-from stages.files import write_json_atomic
-from stages.log import get_logger
+from medasr import MedasrError
+from medasr.files import write_json_atomic
+from medasr.log import get_logger
+from medasr.paths import POD_STATE
+from medasr.secrets import FORWARDED_SECRETS, REDACTED, SECRETS, redact_url
 
 log = get_logger(__name__)
 
 API_URL = "https://api.runpod.io"  # MEDASR_RUNPOD_API_URL overrides it (the tests' fake server on 127.0.0.1)
-STATE_FILE = Path(".medasr/pod.json")  # git-ignored: which pod this checkout launched, and what it has cost
 # A100 40 GB or larger, cheapest first; ids as RunPod's v1 API enumerates them (GPUTypeId in its OpenAPI document)
 DEFAULT_GPUS = (
     "NVIDIA A100-SXM4-40GB",
@@ -44,10 +38,9 @@ DEFAULT_GPUS = (
     "NVIDIA H100 80GB HBM3",
 )
 DEFAULT_IMAGE = "runpod/pytorch:1.0.2-cu1281-torch280-ubuntu2404"  # the image RunPod's v2 API docs use
-SECRET_ENV = ("WANDB_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN")
 # What the pod needs from this machine's environment (or .env): the remote, tracking and runpod.sh settings.
 FORWARDED_ENV = (
-    *SECRET_ENV,
+    *FORWARDED_SECRETS,
     "AWS_DEFAULT_REGION",
     "MEDASR_S3_URL",
     "MEDASR_S3_ENDPOINT_URL",
@@ -64,14 +57,14 @@ START_SCRIPT = (
 )
 
 
-class PodError(StageError):
+class PodError(MedasrError):
     """A RunPod API call failed, or the pod cannot be managed as asked. The message never holds a secret."""
 
 
 # --- the published schema -----------------------------------------------------------------------------------------
 @cache
 def api_document() -> dict[str, Any]:
-    return json.loads((resources.files("stages.resources") / "runpod-openapi-v2.json").read_text())
+    return json.loads((resources.files("medasr.resources") / "runpod-openapi-v2.json").read_text())
 
 
 def schema_errors(instance: Any, schema_name: str) -> list[str]:
@@ -102,11 +95,6 @@ class PodSpec:
     volume_gb: int = 100  # host-local volume when there is no network volume
     cloud: str = "SECURE"
     data_centers: list[str] = field(default_factory=list)
-
-
-def redact_url(url: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=parts.hostname or "")) if parts.username or parts.password else url
 
 
 def pod_env(spec: PodSpec, environ: dict[str, str]) -> dict[str, str]:
@@ -147,8 +135,8 @@ def redacted(body: dict[str, Any]) -> dict[str, Any]:
     """The request as it may be shown: secret values replaced, credentials stripped from URLs."""
     env = dict(body.get("env", {}))
     for key in env:
-        if key in SECRET_ENV:
-            env[key] = "<redacted>"
+        if key in SECRETS:
+            env[key] = REDACTED
         elif key == "MEDASR_REPO_URL":
             env[key] = redact_url(env[key])
     return body | {"env": env}
@@ -218,7 +206,7 @@ class RunPodAPI:
             raise PodError(f"RunPod API unreachable ({self.base_url}): {type(exc).__name__}") from None
 
 
-def _refused(exc: PodError) -> bool:
+def refused(exc: PodError) -> bool:
     """The API key was refused: no retry can help."""
     return " -> 401" in str(exc) or " -> 403" in str(exc)
 
@@ -231,7 +219,7 @@ def launch(api: RunPodAPI, spec: PodSpec, environ: dict[str, str]) -> dict[str, 
         try:
             pod = api.create(body)
         except PodError as exc:
-            if _refused(exc):
+            if refused(exc):
                 raise
             failures.append(f"{gpu}: {exc}")
             log.warning("could not create a pod on %s: %s", gpu, exc)
@@ -249,125 +237,13 @@ class LaunchState:
     spent_usd: float = 0.0
     recoveries: int = 0
 
-    def save(self, path: Path = STATE_FILE) -> None:
+    def save(self, path: Path = POD_STATE) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, asdict(self))
 
     @classmethod
-    def load(cls, path: Path = STATE_FILE) -> LaunchState:
+    def load(cls, path: Path = POD_STATE) -> LaunchState:
         if not path.is_file():
             raise PodError(f"no pod launched from this checkout ({path} missing): run `medasr pod up` first")
         data = json.loads(path.read_text())
         return cls(**(data | {"spec": PodSpec(**data["spec"])}))
-
-
-# --- the controller ------------------------------------------------------------------------------------------------
-def decide(pod: dict[str, Any] | None, beat: dict[str, Any] | None, now: float, stale_after_s: float) -> str:
-    """What the controller does about an unfinished run: wait, start (a stopped pod), restart (running, but its loop
-    has gone silent) or recreate (the pod is gone or broken). Pure, so each case is tested on its own."""
-    if pod is None or pod.get("status") in {"TERMINATED", "ERROR"}:
-        return "recreate"
-    status = pod.get("status")
-    if status == "EXITED":
-        return "start"
-    if status != "RUNNING":
-        return "wait"  # PROVISIONING, STARTING
-    started = _epoch(pod.get("startedAt")) or now
-    last_sign = max(started, float(beat["time"]) if beat and beat.get("pod") in ("", pod["id"]) else 0.0)
-    return "restart" if now - last_sign > stale_after_s else "wait"
-
-
-def _epoch(stamp: str | None) -> float | None:
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() if stamp else None
-
-
-@dataclass
-class WatchSettings:
-    max_usd: float = 50.0
-    poll_s: float = 60.0
-    stale_after_s: float = 2700.0  # the loop publishes every minute; a fresh volume's install takes ~10 min
-    max_recoveries: int = 10
-    backoff_base_s: float = 30.0
-    backoff_max_s: float = 900.0
-
-
-def watch(
-    api: RunPodAPI,
-    state: LaunchState,
-    read_beat: Callable[[str], dict[str, Any] | None],
-    environ: dict[str, str],
-    settings: WatchSettings,
-    clock: Callable[[], float] = time.time,
-    sleep: Callable[[float], None] = time.sleep,
-    say: Callable[[str], None] = print,
-) -> int:
-    """Keep the run's pod alive until runpod.sh reports `done` (0), `gave up` (1), or the spending cap or the
-    recovery limit is reached (1; the pod is stopped). Spend is the pod's hourly cost over the time seen running."""
-    last_poll = clock()
-    not_before = 0.0  # backoff: no recovery action before this time
-    while True:
-        now = clock()
-        try:
-            pod = api.get(state.pod_id)
-        except PodError as exc:  # RunPod's API briefly unreachable: keep watching; a refused key ends it
-            if _refused(exc):
-                raise
-            say(f"warning: {exc}")
-            sleep(settings.poll_s)
-            continue
-        running = bool(pod and pod.get("status") == "RUNNING")
-        if pod and running:
-            state.spent_usd += float(pod.get("cost") or 0.0) * (now - last_poll) / 3600
-        last_poll = now
-        beat = read_beat(state.spec.run_id)
-        state.save()
-        if verdict := _verdict(beat, state, settings):
-            if running:
-                api.action(state.pod_id, "stop")
-            say(verdict[1])
-            return verdict[0]
-        action = decide(pod, beat, now, settings.stale_after_s)
-        if action != "wait" and now >= not_before:
-            if state.recoveries >= settings.max_recoveries:
-                say(f"gave up after {state.recoveries} recoveries; the pod is left as it is")
-                return 1
-            state.recoveries += 1
-            say(f"pod {state.pod_id} is {pod.get('status') if pod else 'gone'}: {action} ({state.recoveries})")
-            try:
-                _recover(api, state, action, environ, say)
-            except PodError as exc:  # e.g. no GPU type has capacity right now: try again after the backoff
-                if _refused(exc):
-                    raise
-                say(f"recovery failed: {exc}")
-            state.save()
-            cap = min(settings.backoff_max_s, settings.backoff_base_s * 2**state.recoveries)
-            not_before = clock() + random.uniform(0, cap)  # full jitter
-        sleep(settings.poll_s)
-
-
-def _verdict(beat: dict[str, Any] | None, state: LaunchState, settings: WatchSettings) -> tuple[int, str] | None:
-    """Whether the watch ends now (exit code, message): the run finished, gave up, or hit the spending cap."""
-    if beat and beat.get("state") == "done":
-        return 0, f"pipeline finished; spent ~${state.spent_usd:.2f}. Results: `dvc pull` then `dvc metrics show`"
-    if beat and beat.get("state") == "gave up":
-        return 1, f"runpod.sh gave up: {beat.get('detail', '')} (logs: `medasr pod logs`); not restarting it"
-    if state.spent_usd >= settings.max_usd:
-        return 1, f"spending cap reached (~${state.spent_usd:.2f} of ${settings.max_usd:.2f}): pod stopped"
-    return None
-
-
-def _recover(api: RunPodAPI, state: LaunchState, action: str, environ: dict[str, str], say: Callable) -> None:
-    if action in ("start", "restart"):
-        try:
-            api.action(state.pod_id, action)
-            return
-        except PodError as exc:  # e.g. the stopped pod's machine has no free GPU now
-            say(f"could not {action} pod {state.pod_id} ({exc}); recreating it")
-    if api.get(state.pod_id) is not None:
-        try:
-            api.action(state.pod_id, "terminate")  # the network volume is kept; the pod's own disk is expendable
-        except PodError as exc:
-            say(f"could not terminate pod {state.pod_id}: {exc}")
-    pod = launch(api, state.spec, environ)
-    state.pod_id = pod["id"]
-    say(f"recreated as pod {state.pod_id}")

@@ -219,6 +219,15 @@ def parse_params(data: Any, source: str = "params") -> Params:
         raise ParamsError(source, [_describe(e) for e in exc.errors()]) from None
 
 
+def with_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a params mapping with `block.key` overrides applied, as `dvc exp run -S block.key=value` does."""
+    out = {block: dict(values) if isinstance(values, dict) else values for block, values in data.items()}
+    for key, value in overrides.items():
+        block, field = key.split(".", 1)
+        out.setdefault(block, {})[field] = value
+    return out
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate a params file (relative paths are taken from the working directory, as DVC runs stages)."""
     path = Path(path)

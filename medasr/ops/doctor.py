@@ -11,20 +11,22 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from stages.params import ParamsError, load_params
+from medasr import sources
+from medasr.params import Params, ParamsError, load_params
+from medasr.secrets import SECRETS, redact_url
+from medasr.tracking import wandb_mode
 
 Status = Literal["ok", "warn", "fail"]
 
 PACKAGES = ("torch", "nemo_toolkit", "transformers", "lightning", "lhotse", "peft", "dvc", "dvc-s3", "datasets")
-# Presence only: these values are never read into the table.
-SECRETS = ("WANDB_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "RUNPOD_API_KEY")
-MIN_FREE_DISK_GIB = 20  # the released checkpoint (~5 GB), HF/NeMo caches, DVC cache and checkpoints
+# The released checkpoint (~5 GB), HF/NeMo caches, DVC cache and checkpoints; MEDASR_MIN_FREE_GB overrides it
+# (runpod.sh's preflight asks this same check through `medasr doctor --disk`).
+MIN_FREE_DISK_GIB = 20
 
 
 @dataclass(frozen=True)
@@ -53,17 +55,12 @@ def _gpu() -> Check:
     return Check("gpu", ", ".join(names))
 
 
-def _disk() -> Check:
-    free = shutil.disk_usage(Path.cwd()).free / 2**30
-    return Check("disk free", f"{free:.0f} GiB at {Path.cwd()}", "ok" if free >= MIN_FREE_DISK_GIB else "warn")
-
-
-def _redact(url: str) -> str:
-    """Drop any user:password@ from a URL before showing it."""
-    parts = urlsplit(url)
-    if parts.username or parts.password:
-        parts = parts._replace(netloc=parts.hostname or "")
-    return urlunsplit(parts)
+def disk(path: Path) -> Check:
+    """Free space at `path` against the floor (warn below it)."""
+    floor = float(os.environ.get("MEDASR_MIN_FREE_GB") or MIN_FREE_DISK_GIB)
+    free = shutil.disk_usage(path).free / 2**30
+    status: Status = "ok" if free >= floor else "warn"
+    return Check("disk free", f"{free:.0f} GiB at {path} (need {floor:g})", status)
 
 
 def _dvc_remote() -> Check:
@@ -81,13 +78,13 @@ def _dvc_remote() -> Check:
         return Check("dvc remote", "none configured (`dvc push` has nowhere to go)", "warn")
     default = [r for r in remotes if len(r) > 2 and "(default)" in r]
     shown = default or remotes
-    return Check("dvc remote", "; ".join(f"{r[0]} {_redact(r[1])}" for r in shown) + (" (default)" if default else ""))
+    return Check(
+        "dvc remote", "; ".join(f"{r[0]} {redact_url(r[1])}" for r in shown) + (" (default)" if default else "")
+    )
 
 
 def _wandb() -> Check:
-    from stages.tracking import wandb_mode  # the rule training itself uses
-
-    mode = wandb_mode()
+    mode = wandb_mode()  # the rule training itself uses
     if mode == "online":
         if os.environ.get("WANDB_API_KEY"):
             return Check("wandb", "online (WANDB_API_KEY set)")
@@ -102,18 +99,23 @@ def _params(path: Path) -> list[Check]:
         p = load_params(path)
     except ParamsError as exc:
         return [Check("params", f"{path}: " + "; ".join(exc.problems), "fail")]
-    from stages.fetch import source_problems  # local paths must exist; hub ids are not looked up
-
     test_sets = ", ".join(t.name for t in p.eval.test_sets) or "none (val only)"
     checks = [Check("params", f"{path} valid (model {p.model.preset}, dataset {p.fetch.dataset})")]
     checks.append(Check("test sets", test_sets))
-    return checks + [Check("dataset", problem, "fail") for problem in source_problems(p)]
+    return checks + [Check("dataset", problem, "fail") for problem in dataset_problems(p)]
+
+
+def dataset_problems(p: Params) -> list[str]:
+    """Every configured dataset (fetch.dataset, each eval.test_sets entry) that is neither a hub id nor an existing
+    local source: local paths must exist; hub ids are not looked up."""
+    named = [("fetch.dataset", p.fetch.dataset)] + [(f"eval.test_sets[{t.name}]", t.dataset) for t in p.eval.test_sets]
+    return sources.problems(named)
 
 
 def run_checks(params: Path) -> list[Check]:
     checks = [Check("python", platform.python_version())]
     checks += [_version(p) for p in PACKAGES]
-    checks += [_gpu(), _disk(), _dvc_remote(), _wandb()]
+    checks += [_gpu(), disk(Path.cwd()), _dvc_remote(), _wandb()]
     checks += [Check(f"${name}", "set" if os.environ.get(name) else "not set") for name in SECRETS]
     checks += _params(params)
     return checks

@@ -1,0 +1,114 @@
+"""An exported model folder: what `export` writes, what `load_model` reads back in one call, and the merged copy
+`medasr export` writes. The folder holds config.json, the tokenizer, llm_backbone/config.json, trained.safetensors
+(our adapter + trained weights) and medasr.json (how it was made), plus the full weights when self-contained.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from medasr import StageError
+from medasr.model import load_released, merge_released_lora, trained_state
+from medasr.params import LoraParams
+from medasr.paths import MEDASR_META, TRAINED_WEIGHTS
+
+if TYPE_CHECKING:
+    from nemo.collections.speechlm2.models import SALM
+
+LLM_BACKBONE_DIR = "llm_backbone"  # where NeMo's from_pretrained looks for the LLM config beside a checkpoint
+
+
+def save_tokenizer_and_llm_config(model: SALM, out: Path) -> None:
+    """Tokenizer files at the root and the LLM config under llm_backbone/: what NeMo needs to rebuild offline."""
+    from peft import PeftModel
+
+    model.tokenizer.tokenizer.save_pretrained(out)
+    llm: Any = model.llm.get_base_model() if isinstance(model.llm, PeftModel) else model.llm
+    llm.config.save_pretrained(out / LLM_BACKBONE_DIR)
+
+
+def export(model: SALM, out: Path, meta: dict[str, Any], self_contained: bool) -> None:
+    """Write a model folder `load_model` reads back in one call.
+
+    Always: config.json, tokenizer, llm_backbone/config.json, trained.safetensors (our adapter + trained weights),
+    medasr.json (how it was made). `self_contained` (tiny and compose presets) also writes the full
+    model.safetensors; otherwise (canary-qwen-2.5b) the base weights come from the pinned base checkpoint named in
+    medasr.json (the HF cache when offline).
+    """
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    if self_contained:
+        model.save_pretrained(out)
+    else:
+        cfg = json.loads(json.dumps(_plain(model.cfg)))
+        (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    save_tokenizer_and_llm_config(model, out)
+    save_file(trained_state(model), str(out / TRAINED_WEIGHTS))
+    (out / MEDASR_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    (out / "README.md").write_text(model_card(meta))
+
+
+def model_card(meta: dict[str, Any]) -> str:
+    """A short card of how the model was made, from medasr.json."""
+    base = meta.get("base", {})
+    lines = [
+        "# canary-qwen-medical-lora",
+        "",
+        "LoRA fine-tune of a NeMo SALM speech model for medical speech, made by the medasr pipeline.",
+        "",
+        f"- base: `{base.get('id')}` at revision `{base.get('revision')}` (preset `{meta.get('preset')}`)",
+        f"- adapter: LoRA {json.dumps(meta.get('lora'))}; also trained: {', '.join(meta.get('trainable', [])) or '-'}",
+        f"- exported step: {meta.get('step')}; merged: {meta.get('merged', False)}",
+        f"- training data sha256: `{meta.get('data_sha256')}`; train fingerprint `{meta.get('fingerprint')}`",
+        f"- git commit: `{meta.get('git_commit')}`",
+        "",
+        'Load: `from medasr.export import load_model; model = load_model("<this folder>")`, or',
+        "`medasr transcribe <this folder> audio.wav`. Prompt: `Transcribe the following: <|audioplaceholder|>`.",
+        "",
+        "Full params: see `medasr.json`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export_merged(src: Path, out: Path) -> None:
+    """A self-contained copy of an exported model with our LoRA merged into the LLM weights (plain SALM, no PEFT).
+    Its logits match the unmerged model's to float precision."""
+    model = load_model(src)
+    merge_released_lora(model)  # the same merge, applied to our adapter
+    meta = json.loads((src / MEDASR_META).read_text()) | {"merged": True}
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    save_tokenizer_and_llm_config(model, out)
+    (out / MEDASR_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    (out / "README.md").write_text(model_card(meta))
+
+
+def _plain(cfg: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def load_model(folder: str | Path) -> SALM:
+    """Load an exported model folder for inference, in one call (eval mode, CPU; move it with `.to(device)`)."""
+    from nemo.collections.speechlm2.models import SALM
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta_file = folder / MEDASR_META
+    if not meta_file.is_file():
+        raise StageError(f"{folder} is not a medasr model folder (no {MEDASR_META})")
+    meta = json.loads(meta_file.read_text())
+    if (folder / "model.safetensors").is_file():
+        model = SALM.from_pretrained(str(folder))
+    else:
+        lora = LoraParams(**meta["lora"])
+        model = load_released(meta["base"]["id"], meta["base"]["revision"], lora, meta["trainable"])
+        missing = model.load_state_dict(load_file(str(folder / TRAINED_WEIGHTS)), strict=False)
+        if missing.unexpected_keys:
+            raise StageError(f"{folder}: weights do not fit the base model: {missing.unexpected_keys[:5]}")
+    return model.eval()

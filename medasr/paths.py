@@ -1,0 +1,73 @@
+"""Every path and marker the pipeline reads or writes, defined once.
+
+Relative paths are taken from the repository root, the working directory DVC runs stages in. dvc.yaml names the same
+folders; the names of files inside a checkpoint and on the DVC remote are part of the resume interface (a running
+experiment's mirrored checkpoints must stay resumable), so they change only with a migration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# --- stage outputs (dvc.yaml's outs and metrics) ---------------------------------------------------------------------
+SOURCES_DIR = Path("data/sources")  # local datasets: a DVC dependency of fetch and testsets
+RAW_DIR = Path("data/raw")  # fetch: part-NNNNN.parquet + source.json
+SUBSET_DIR = Path("data/subset")  # subset: <split>.jsonl + dropped.jsonl
+MANIFEST_DIR = Path("data/manifests")  # manifest: <split>.json + audio/
+TESTSETS_DIR = Path("data/testsets")  # testsets: <name>/manifest.json + audio/ + dropped.jsonl + source.json
+MODEL_DIR = Path("models/canary-qwen-medical-lora")  # train: the exported model
+CHECKPOINT_ROOT = Path("checkpoints/train")  # train: <fingerprint>/step-NNNNNNNN/ (git-ignored, not a DVC output)
+
+DATA_METRICS = Path("metrics/data.json")
+TESTSETS_METRICS = Path("metrics/testsets.json")
+TRAIN_METRICS = Path("metrics/train.json")
+TRAIN_CURVES_DIR = Path("metrics/train_curves")
+EVAL_METRICS = Path("metrics/eval.json")
+PREDICTIONS = Path("metrics/predictions.jsonl")
+
+# --- files inside those folders --------------------------------------------------------------------------------------
+SPLITS = ("train", "val")
+SOURCE_INFO = "source.json"  # provenance and counts of one fetched source
+DROPPED = "dropped.jsonl"  # every row not kept, with its reason
+AUDIO_SUBDIR = "audio"  # 16 kHz mono FLAC beside a manifest; manifests name it relative to their own folder
+TESTSET_MANIFEST = "manifest.json"
+
+
+def subset_split(split: str, subset_dir: Path = SUBSET_DIR) -> Path:
+    """The rows subset selected for one split (where they live in data/raw, id, group, duration, text)."""
+    return subset_dir / f"{split}.jsonl"
+
+
+def split_manifest(split: str, manifest_dir: Path = MANIFEST_DIR) -> Path:
+    """The NeMo manifest of one split. Named `.json`: NeMo's data layer reads `.jsonl` files as lhotse cut sets."""
+    return manifest_dir / f"{split}.json"
+
+
+def testset_manifest(name: str, testsets_dir: Path = TESTSETS_DIR) -> Path:
+    return testsets_dir / name / TESTSET_MANIFEST
+
+
+# --- an exported model folder ----------------------------------------------------------------------------------------
+MEDASR_META = "medasr.json"  # how the model was made; `load_model` reads it first
+TRAINED_WEIGHTS = "trained.safetensors"  # what training changed: adapter + trained weights + buffers
+
+# --- a checkpoint folder (local and mirrored) ------------------------------------------------------------------------
+CHECKPOINT_STATE = "state.ckpt"  # Lightning's checkpoint: weights, optimizer, schedule, our resume state
+CHECKPOINT_META = "meta.json"  # written (and uploaded) last: a folder without it is incomplete
+LATEST = "latest"  # names the newest local checkpoint folder
+BEST_DIR = "best"  # the best-by-val-WER weights, beside the checkpoints and copied into each
+WANDB_ID_FILE = "wandb_run_id"  # keeps one W&B run across resumes
+DVCLIVE_DIR = "dvclive"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+# --- the DVC remote, beside DVC's own cache --------------------------------------------------------------------------
+REMOTE_CHECKPOINTS = "medasr-checkpoints"  # <remote>/medasr-checkpoints/<fingerprint>/step-NNNNNNNN/
+REMOTE_STATUS = "medasr-status"  # <remote>/medasr-status/<run id>/status.json
+STATUS_FILE = "status.json"
+
+# --- this machine ----------------------------------------------------------------------------------------------------
+POD_STATE = Path(".medasr/pod.json")  # git-ignored: which pod this checkout launched, and what it has cost

@@ -1,0 +1,214 @@
+"""The Lightning callback that makes training resumable and stoppable: it saves checkpoints (with the RNG state and
+the data position), restores them, validates WER and keeps the best weights, stops early, and turns SIGTERM/SIGINT
+into a checkpoint followed by a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from medasr.files import atomic_dir, sha256_file, write_json_atomic, write_text_atomic
+from medasr.log import get_logger
+from medasr.model import trained_state
+from medasr.params import TrainParams
+from medasr.paths import BEST_DIR, CHECKPOINT_META, CHECKPOINT_STATE, LATEST, TRAINED_WEIGHTS, step_dir_name
+from stages.train.checkpoints import copy_extras, step_dirs
+from stages.train.data import train_sampler
+
+log = get_logger(__name__)
+
+
+class TrainingInterrupted(SystemExit):
+    """SIGTERM/SIGINT after the last checkpoint was saved (and mirrored): exit non-zero, so DVC never records an
+    unfinished stage as done."""
+
+
+@dataclass
+class StopRequest:
+    """Set by a SIGTERM/SIGINT handler; the callback checkpoints after the current step, then exits."""
+
+    signal: int | None = None
+
+
+@contextmanager
+def stop_on_signals(stop: StopRequest) -> Iterator[None]:
+    """While training: SIGTERM/SIGINT only set `stop`; the callback acts on it between steps."""
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.signal is None:
+            log.warning("received %s: checkpointing after this step, then exiting", signal.Signals(signum).name)
+        stop.signal = signum
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass(frozen=True)
+class ValSet:
+    """The fixed slice of the val split that validation decodes."""
+
+    audio: list[Path]
+    texts: list[str]
+
+
+class TrainingCallback(Callback):
+    def __init__(
+        self, train: TrainParams, fp: str, run_dir: Path, val: ValSet | None, uploader: Any, stop: StopRequest
+    ) -> None:
+        self.train, self.fp, self.run_dir, self.val, self.uploader, self.stop = train, fp, run_dir, val, uploader, stop
+        self.pending_rng: dict[str, Any] | None = None
+        self.epoch_batches = 0  # batches drawn in the current epoch: the data position
+        self.restarted_epoch = False
+        self.last_saved = -1
+        self.best_wer: float | None = None  # the best weights' step is in best/meta.json
+        self.bad_evals = 0
+        self.last_loss: float | None = None
+        # what a (re)start costs before training continues: (step, seconds from process start); train.json has it
+        self.first_step: tuple[int, float] | None = None
+
+    # --- checkpoint contents ---
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        keep = set(trained_state(pl_module))
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["medasr"] = {
+            "fingerprint": self.fp,
+            "rng": rng_state(),
+            "epoch_batches": self.epoch_batches,
+            "best": {"best_wer": self.best_wer, "bad_evals": self.bad_evals},
+        }
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        info = checkpoint["medasr"]
+        self.pending_rng = info["rng"]
+        self.epoch_batches = info["epoch_batches"]
+        self.best_wer, self.bad_evals = info["best"]["best_wer"], info["best"]["bad_evals"]
+
+    # --- resume. The data position is restored when the loader is built (ResumableDataModule): Lightning draws the
+    # first batch before any hook runs. RNG is restored here, after NeMo reseeded it while building the loader and
+    # before the first step.
+    def on_train_start(self, trainer, pl_module) -> None:
+        for config in trainer.lr_scheduler_configs:  # a raised max_steps stretches the schedule
+            if getattr(config.scheduler, "max_steps", self.train.max_steps) != self.train.max_steps:
+                log.info("LR schedule stretched to max_steps=%d", self.train.max_steps)
+                config.scheduler.max_steps = self.train.max_steps
+        if self.pending_rng is not None:
+            set_rng_state(self.pending_rng)
+            self.pending_rng = None
+            self.restarted_epoch = True
+            log.info(
+                "resumed at step %d, epoch %d batch %d (weights, optimizer, schedule, RNG, data position)",
+                trainer.global_step,
+                trainer.current_epoch,
+                self.epoch_batches,
+            )
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self.restarted_epoch:  # the resumed epoch continues; its position is already set
+            self.restarted_epoch = False
+            return
+        # Lightning cannot reach the sampler through NeMo's loader wrapper, so the epoch is set here, before this
+        # epoch's iter(): each epoch gets its own seeded shuffle.
+        train_sampler(trainer.train_dataloader).set_epoch(trainer.current_epoch)
+        self.epoch_batches = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.first_step is None:
+            import psutil
+
+            self.first_step = (step, round(time.time() - psutil.Process().create_time(), 2))
+            log.info("first training step of this process (step %d) done %.1f s after process start", *self.first_step)
+        self.epoch_batches += 1
+        self.last_loss = float(outputs["loss"]) if outputs is not None else self.last_loss
+        if self.val is not None and self.train.val_every and step % self.train.val_every == 0:
+            self.validate(trainer, pl_module, step)
+        if step % self.train.checkpoint_every == 0 or step >= self.train.max_steps or trainer.should_stop:
+            self.save(trainer, step)
+        if self.stop.signal is not None:
+            self.save(trainer, step)
+            if self.uploader is not None and not self.uploader.drain(self.train.stop_grace_s):
+                log.error(
+                    "stop grace time (%ss) ran out before the last checkpoint was mirrored", self.train.stop_grace_s
+                )
+            log.warning("stopped at step %d on signal %d; rerun to resume", step, self.stop.signal)
+            raise TrainingInterrupted(128 + self.stop.signal)
+
+    def save(self, trainer, step: int) -> None:
+        if step == self.last_saved:
+            return
+        name = step_dir_name(step)
+        with atomic_dir(self.run_dir / name) as tmp:
+            trainer.save_checkpoint(tmp / CHECKPOINT_STATE)
+            copy_extras(self.run_dir, tmp)  # what must travel with this checkpoint
+            meta = {
+                "fingerprint": self.fp,
+                "step": step,
+                "epoch": trainer.current_epoch,
+                "epoch_batches": self.epoch_batches,
+                "sha256": sha256_file(tmp / CHECKPOINT_STATE),
+                "time": time.time(),
+            }
+            write_json_atomic(tmp / CHECKPOINT_META, meta)
+        write_text_atomic(self.run_dir / LATEST, name + "\n")
+        self.last_saved = step
+        if self.uploader is not None:
+            self.uploader.submit(self.run_dir / name)
+        for old in step_dirs(self.run_dir)[: -self.train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def validate(self, trainer, pl_module, step: int) -> None:
+        from safetensors.torch import save_file
+
+        from medasr.inference import transcribe
+        from medasr.scoring import score
+
+        assert self.val is not None
+        wer = score(self.val.texts, transcribe(pl_module, self.val.audio, self.train.batch_size))["wer"]
+        pl_module.log("val_wer", wer)
+        log.info("step %d: val WER %.4f on %d utterances", step, wer, len(self.val.texts))
+        if self.best_wer is None or wer < self.best_wer - self.train.early_stop_delta:
+            self.best_wer, self.bad_evals = wer, 0
+            with atomic_dir(self.run_dir / BEST_DIR) as tmp:
+                save_file(trained_state(pl_module), str(tmp / TRAINED_WEIGHTS))
+                write_json_atomic(tmp / CHECKPOINT_META, {"fingerprint": self.fp, "step": step, "wer": wer})
+        else:
+            self.bad_evals += 1
+            if self.train.early_stop_patience and self.bad_evals >= self.train.early_stop_patience:
+                log.info("early stop: no WER gain of %s in %d validations", self.train.early_stop_delta, self.bad_evals)
+                trainer.should_stop = True
+        pl_module.train()
+        torch.set_grad_enabled(True)
