@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# Download the wheels the GPU benchmark machine (device tool, kind nvidia-h200: Python 3.12, x86_64, no network) lacks
-# for `from nemo.collections.speechlm2.models import SALM`, `from nemo.collections.speechlm2.data import DataModule,
-# SALMDataset`, building a SALM and training it with Lightning. Writes them into .whl/ (git-ignored here); see
-# bench/DEVICE.md for how a device run installs them. Only what that import chain and a training step import and the
-# device image lacks is here (its list: /work/.library/device/KINDS.md); torch, transformers, peft, numpy, etc. are
-# the device's own. Versions are those of requirements.txt.
+# Download the wheels the GPU machine this project borrows for measurements (an H100 by default, an H200 on request;
+# x86_64, no network) lacks for `from nemo.collections.speechlm2.models import SALM`, `from
+# nemo.collections.speechlm2.data import DataModule, SALMDataset`, building a SALM and training it with Lightning.
+# Writes them into .whl/ (git-ignored here); see bench/DEVICE.md for how a run there installs them. Only what that
+# import chain and a training step import and the machine's image lacks is here; torch, transformers, peft, numpy,
+# etc. are the image's own. The image was reported with Python 3.12 on the H200; the H100 is assumed to share it
+# (not checked). Versions are those of requirements.txt.
 #   DEVICE_WHEELS_DIR     target folder (default: .whl in the repo root)
-#   DEVICE_PYTHON_VERSION Python the wheels are for (default: 3.12, the device's; 3.11 only for a local simulation)
+#   DEVICE_PYTHON_VERSION Python the wheels are for (default: 3.12, the image's; 3.11 only for a local simulation)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PINS=(
   nemo-toolkit==3.0.0                                  # SALM, DataModule, SALMDataset themselves (2.8 MB wheel, no slimming needed)
-  lightning==2.4.0                                     # NeMo 3.0.0 caps it; with the device's 2.6.x nv-one-logger's Trainer override fails at import (TypeError)
+  lightning==2.4.0                                     # NeMo 3.0.0 caps it; with the image's 2.6.x nv-one-logger's Trainer override fails at import (TypeError)
   omegaconf==2.3.0                                     # NeMo configs, imported everywhere
   antlr4-python3-runtime==4.9.3                        # omegaconf's parser; sdist only on PyPI, built into a pure wheel below
   hydra-core==1.3.2                                    # nemo.core: hydra.utils.instantiate builds SALM's modules
@@ -28,10 +29,10 @@ PINS=(
   typing-inspection==0.4.5                             # pydantic
   lhotse==1.33.0                                       # speechlm2 data layer: lhotse cut sets, samplers, dataloader
   soundfile==0.14.0                                    # audio decoding (libsndfile bundled) for lhotse and NeMo's ASR preprocessing
-  cffi==2.1.1                                          # soundfile's binding (not in the device image)
+  cffi==2.1.1                                          # soundfile's binding (not in the image)
   soxr==1.1.0                                          # librosa.core.audio imports it at import time
   intervaltree==3.2.1                                  # lhotse supervisions
-  cytoolz==1.2.0                                       # NeMo's lhotse adapters (the device has toolz, not cytoolz)
+  cytoolz==1.2.0                                       # NeMo's lhotse adapters (the image has toolz, not cytoolz)
   kaldialign==0.12.0                                   # NeMo's ASR WER metrics import it at import time
   librosa==0.11.0                                      # NeMo's mel filterbank (AudioToMelSpectrogramPreprocessor)
   decorator==5.3.1                                     # librosa, when the preprocessor is built
@@ -48,7 +49,7 @@ PINS=(
   more-itertools==11.2.1                               # whisper_normalizer
 )
 SDIST_ONLY=(antlr4-python3-runtime)   # no wheel on PyPI: `pip wheel` builds a py3-none-any wheel from the sdist
-LIMIT_MIB=60                          # the device tool carries 64 MiB in all, the repo itself included
+LIMIT_MIB=60                          # at most 64 MiB travel with a command, the repo itself included
 
 DIR=${DEVICE_WHEELS_DIR:-.whl}
 PYV=${DEVICE_PYTHON_VERSION:-3.12}
@@ -60,7 +61,7 @@ if [[ $DIR == .whl ]]; then
   grep -qxF '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >>"$exclude"
 fi
 mkdir -p "$DIR"
-rm -f "$DIR"/*.whl   # one version of each package: two stop the device's install
+rm -f "$DIR"/*.whl   # one version of each package: two stop the install there
 
 binary=() built=()
 for pin in "${PINS[@]}"; do

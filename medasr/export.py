@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medasr import StageError
-from medasr.model import load_released, merge_released_lora, trained_state
+from medasr.model import PROMPT, load_released, merge_released_lora, trained_state
 from medasr.params import LoraParams
 from medasr.paths import MEDASR_META, TRAINED_WEIGHTS
 
@@ -66,7 +66,7 @@ def model_card(meta: dict[str, Any]) -> str:
         f"- git commit: `{meta.get('git_commit')}`",
         "",
         'Load: `from medasr.export import load_model; model = load_model("<this folder>")`, or',
-        "`medasr transcribe <this folder> audio.wav`. Prompt: `Transcribe the following: <|audioplaceholder|>`.",
+        f"`medasr transcribe <this folder> audio.wav`. Prompt: `{PROMPT}`.",
         "",
         "Full params: see `medasr.json`.",
         "",

@@ -84,11 +84,6 @@ def salm_config(
     return cfg
 
 
-def build_tiny(lora: LoraParams, trainable: Sequence[str], seed: int, llm_dir: Path) -> SALM:
-    """The tiny preset. Deterministic for `seed`: the same call always gives bit-identical weights."""
-    return build_random("tiny", lora, trainable, seed, llm_dir)
-
-
 def build_random(
     size: Literal["tiny", "full"], lora: LoraParams, trainable: Sequence[str], seed: int, llm_dir: Path
 ) -> SALM:
@@ -176,7 +171,7 @@ def build_composed(pretrained_asr: str, pretrained_llm: str, lora: LoraParams, t
 def build_model(p: ModelParams, lora: LoraParams, seed: int, work_dir: Path) -> SALM:
     """The model the train stage starts from, per `model.preset`. `work_dir` holds generated files (tiny LLM)."""
     if p.preset == "tiny":
-        return build_tiny(lora, p.trainable, seed, work_dir / "tiny_llm")
+        return build_random("tiny", lora, p.trainable, seed, work_dir / "tiny_llm")
     if p.preset == "canary-qwen-2.5b":
         return load_released(p.pretrained, p.revision, lora, p.trainable)
     assert p.pretrained_asr and p.pretrained_llm  # params validation guarantees both for compose

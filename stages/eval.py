@@ -96,10 +96,10 @@ def run(
     lora: LoraParams,
     seed: int,
     manifest_dir: Path = MANIFEST_DIR,
+    testsets_dir: Path = TESTSETS_DIR,
     model_dir: Path = MODEL_DIR,
     metrics_file: Path = EVAL_METRICS,
     predictions_file: Path = PREDICTIONS,
-    testsets_dir: Path = TESTSETS_DIR,
 ) -> dict[str, Any]:
     """`seed` is train.seed: the base model is the preset built with the seed training started from."""
     manifest = split_manifest("val", manifest_dir)
