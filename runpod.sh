@@ -80,16 +80,17 @@ preflight() {
   else
     rm -f "$WORKDIR/.write-test"
     local disk_line   # the floor (MEDASR_MIN_FREE_GB) is doctor's, so both checks agree
-    disk_line=$(medasr doctor --disk "$WORKDIR" 2>&1) || { log "problem: low disk: $disk_line"; problems=1; }
+    disk_line=$(medasr doctor --disk "$WORKDIR" 2>&1 | tail -n 1) || { log "problem: disk: $disk_line"; problems=1; }
   fi
   local wandb_line  # W&B's mode (a key means online) is decided by medasr, as training decides it
-  if wandb_line=$(medasr wandb check 2>&1); then
+  if wandb_line=$(medasr wandb check 2>&1 | tail -n 1); then   # pipefail: medasr's exit code
     log "$wandb_line"
   elif [[ $MODE == check ]]; then
     log "problem: $wandb_line"; problems=1
   else  # never idle a GPU over logging: the run is kept offline and can be synced later
     log "warning: $wandb_line; training with WANDB_MODE=offline (upload later with \`wandb sync\`)"
     export WANDB_MODE=offline
+    log "W&B mode: offline"
   fi
   if ! medasr remote setup >>"$LOGS/runpod.log" 2>&1; then
     log "problem: could not configure the DVC remote (see $LOGS/runpod.log)"; problems=1
@@ -116,10 +117,12 @@ clear_stale_locks() {
 }
 
 pipeline() {
-  local stage
+  local stage stages
   # dvc.yaml's stages in the order it lists them (testsets before train: a test set that cannot be read fails
-  # before any GPU time is spent)
-  for stage in $(python -c 'import yaml; print(*yaml.safe_load(open("dvc.yaml"))["stages"])'); do
+  # before any GPU time is spent). No stage list is a failure, never an empty success.
+  stages=$(python -c 'import yaml; print(*yaml.safe_load(open("dvc.yaml"))["stages"])') && [[ -n $stages ]] \
+    || { echo "cannot read the stage list from dvc.yaml" >&2; return 1; }
+  for stage in $stages; do
     dvc repro --pull "$stage" || return 1
     dvc push --run-cache || return 1
   done

@@ -57,7 +57,11 @@ def _gpu() -> Check:
 
 def disk(path: Path) -> Check:
     """Free space at `path` against the floor (warn below it)."""
-    floor = float(os.environ.get("MEDASR_MIN_FREE_GB") or MIN_FREE_DISK_GIB)
+    setting = os.environ.get("MEDASR_MIN_FREE_GB") or str(MIN_FREE_DISK_GIB)
+    try:
+        floor = float(setting)
+    except ValueError:
+        return Check("disk free", f"MEDASR_MIN_FREE_GB={setting!r} is not a number of GiB", "fail")
     free = shutil.disk_usage(path).free / 2**30
     status: Status = "ok" if free >= floor else "warn"
     return Check("disk free", f"{free:.0f} GiB at {path} (need {floor:g})", status)

@@ -17,7 +17,7 @@ from typing import Any
 from medasr.files import atomic_dir, write_json_atomic
 from medasr.log import get_logger
 from medasr.params import FetchParams
-from medasr.paths import SOURCE_INFO
+from medasr.paths import SOURCE_INFO, SOURCES_DIR
 from medasr.raw import write_shards
 from medasr.sources import audiofolder, hub, nemo_manifest, segment_list, textgrid
 from medasr.sources.base import FetchError, Reader, Source
@@ -84,6 +84,13 @@ def fetch_to(p: FetchParams, out_dir: Path) -> dict[str, Any]:
         ignored = [k for k in ("revision", "config") if getattr(p, k) is not None]
         if ignored:
             log.info("local dataset: fetch.%s ignored (hub-only keys)", ", fetch.".join(ignored))
+        if not Path(source.location).resolve().is_relative_to(SOURCES_DIR.resolve()):
+            # dvc.yaml makes data/sources a dependency of fetch and testsets; nothing else is watched
+            log.warning(
+                "%s is outside %s/: DVC does not see changes to it; run `dvc repro -f fetch` after editing it",
+                source.location,
+                SOURCES_DIR,
+            )
     log.info("fetching %s (%s)", source.location, source.kind)
     skipped: Counter = Counter()
     rows = READERS[source.kind](source.location, p, skipped)

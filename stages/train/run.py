@@ -22,8 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from medasr import StageError
 from medasr.export import export
 from medasr.files import atomic_dir, read_jsonl, write_json_atomic
@@ -44,10 +42,8 @@ from medasr.paths import (
     split_manifest,
 )
 from medasr.tracking import loggers, publish_curves
-from stages.train.callback import StopRequest, TrainingCallback, ValSet, stop_on_signals
 from stages.train.checkpoints import data_hash, fingerprint, resume_point
 from stages.train.config import make_trainer, prepare_model
-from stages.train.data import make_datamodule
 
 log = get_logger(__name__)
 
@@ -83,6 +79,13 @@ def run(
         raise StageError(
             f"{split_manifest('val', manifest_dir)} is empty but train.val_every={train.val_every}: set it to 0"
         )
+    # torch, Lightning and NeMo load only now (10+ s): the checks above cost nothing
+    import torch
+    from lightning import seed_everything
+
+    from stages.train.callback import StopRequest, TrainingCallback, ValSet, stop_on_signals
+    from stages.train.data import make_datamodule
+
     if train.optimizer == "adamw8bit" and not torch.cuda.is_available():
         raise StageError("train.optimizer=adamw8bit needs a CUDA GPU (bitsandbytes); use adamw on this machine")
 
@@ -96,9 +99,6 @@ def run(
     run_dir.mkdir(parents=True, exist_ok=True)
     uploader = Uploader(mirror, train.keep_checkpoints) if mirror else None
     stop = StopRequest()
-
-    from lightning import seed_everything
-
     seed_everything(train.seed, workers=True)
     gpu = torch.cuda.is_available()
     model = build_model(model_p, lora, train.seed, run_dir)
