@@ -75,7 +75,7 @@ def fetch(params: Path = PARAMS_OPTION) -> None:
     from medasr.ops.doctor import dataset_problems
 
     p = _params(params)
-    if problems := dataset_problems(p):
+    if problems := dataset_problems(p.fetch, p.eval.test_sets):
         typer.echo("error: dataset not found:", err=True)
         for problem in problems:
             typer.echo(f"  - {problem}", err=True)

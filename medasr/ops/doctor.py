@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from medasr import sources
-from medasr.params import Params, ParamsError, load_params
+from medasr.params import FetchParams, ParamsError, TestSetParams, load_params
 from medasr.secrets import SECRETS, redact_url
 from medasr.tracking import wandb_mode
 
@@ -106,13 +106,13 @@ def _params(path: Path) -> list[Check]:
     test_sets = ", ".join(t.name for t in p.eval.test_sets) or "none (val only)"
     checks = [Check("params", f"{path} valid (model {p.model.preset}, dataset {p.fetch.dataset})")]
     checks.append(Check("test sets", test_sets))
-    return checks + [Check("dataset", problem, "fail") for problem in dataset_problems(p)]
+    return checks + [Check("dataset", problem, "fail") for problem in dataset_problems(p.fetch, p.eval.test_sets)]
 
 
-def dataset_problems(p: Params) -> list[str]:
+def dataset_problems(fetch: FetchParams, test_sets: list[TestSetParams]) -> list[str]:
     """Every configured dataset (fetch.dataset, each eval.test_sets entry) that is neither a hub id nor an existing
     local source: local paths must exist; hub ids are not looked up."""
-    named = [("fetch.dataset", p.fetch.dataset)] + [(f"eval.test_sets[{t.name}]", t.dataset) for t in p.eval.test_sets]
+    named = [("fetch.dataset", fetch.dataset)] + [(f"eval.test_sets[{t.name}]", t.dataset) for t in test_sets]
     return sources.problems(named)
 
 
