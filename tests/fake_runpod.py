@@ -1,7 +1,10 @@
 """RunPod's v2 pod API on 127.0.0.1, as its published OpenAPI document (medasr/resources/runpod-openapi-v2.json)
 describes it: bearer auth, every request body checked against the document's schema (422 with the errors, and
 recorded, when it does not match), and pods whose JSON matches the document's `Pod` schema. No traffic leaves the
-machine; the tests drive the pod lifecycle (a pod dies, a stopped pod's machine has no GPU left, ...)."""
+machine; the tests drive the pod lifecycle (a pod dies, a stopped pod's machine has no GPU left, ...).
+
+The fake reads the document and validates with `jsonschema` on its own, never through the client's code
+(medasr.ops.runpod.schema_errors): a bug there must not be able to hide a bad request from the server."""
 
 from __future__ import annotations
 
@@ -11,10 +14,33 @@ import re
 import threading
 import time
 from datetime import UTC, datetime
+from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
-from medasr.ops.runpod import schema_errors
+API_DOCUMENT = Path(__file__).resolve().parents[1] / "medasr" / "resources" / "runpod-openapi-v2.json"
+
+
+@cache
+def _validator(schema_name: str):
+    """A JSON Schema 2020-12 validator (OpenAPI 3.1's schema dialect) for `components.schemas.<schema_name>`, with
+    the document as the root every `#/components/...` reference resolves against. Formats are checked too."""
+    from jsonschema import Draft202012Validator
+
+    document = json.loads(API_DOCUMENT.read_text())
+    assert document["openapi"].startswith("3.1"), document["openapi"]
+    assert schema_name in document["components"]["schemas"], schema_name
+    schema = {"$ref": f"#/components/schemas/{schema_name}", "components": document["components"]}
+    return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+
+
+def schema_errors(instance: Any, schema_name: str) -> list[str]:
+    """Where `instance` breaks the document's schema `schema_name` (empty: valid), one line per error."""
+    return [
+        f"{'/'.join(map(str, e.absolute_path)) or '(body)'}: {e.message}"
+        for e in _validator(schema_name).iter_errors(instance)
+    ]
 
 
 def _now() -> str:

@@ -22,6 +22,7 @@ import soundfile as sf
 import yaml
 
 from medasr.params import Params, parse_params, with_overrides
+from medasr.secrets import SECRETS
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "data" / "sources" / "demo"
@@ -42,8 +43,8 @@ def free_port() -> int:
 class S3Server:
     """moto's S3 server on loopback. In-memory: a restart loses every object (and the bucket, re-created here)."""
 
-    def __init__(self, port: int) -> None:
-        self.port, self.proc = port, None
+    def __init__(self, port: int, bucket: str = BUCKET) -> None:
+        self.port, self.proc, self.bucket = port, None, bucket
         self.endpoint = f"http://127.0.0.1:{port}"
 
     def start(self, auth: bool = False) -> dict[str, str] | None:
@@ -65,7 +66,7 @@ class S3Server:
             except OSError:
                 assert time.time() < deadline, "moto server did not start"
                 time.sleep(0.1)
-        self.client().create_bucket(Bucket=BUCKET)  # action 1 of the 4 moto lets through unsigned in auth mode
+        self.client().create_bucket(Bucket=self.bucket)  # action 1 of the 4 moto lets through unsigned in auth mode
         if not auth:
             return None
         iam = self.client("iam")
@@ -98,13 +99,29 @@ class S3Server:
 
     def keys(self) -> list[str]:
         try:
-            return [o["Key"] for o in self.client().list_objects_v2(Bucket=BUCKET).get("Contents", [])]
+            return [o["Key"] for o in self.client().list_objects_v2(Bucket=self.bucket).get("Contents", [])]
         except Exception:
             return []
 
     def complete_steps(self) -> list[int]:
         # only a checkpoint's top-level meta.json marks it complete (best/meta.json inside it is data)
         return sorted(int(m.group(1)) for k in self.keys() if (m := re.search(r"/step-(\d{8})/meta\.json$", k)))
+
+
+class S3Bucket(S3Server):
+    """One test's own bucket on a server shared by the session: the same view of it as S3Server gives (keys,
+    complete_steps, client), but it can be neither stopped nor restarted (a test that needs an outage starts its own
+    S3Server)."""
+
+    def __init__(self, server: S3Server, bucket: str) -> None:
+        super().__init__(server.port, bucket)
+        self.client().create_bucket(Bucket=bucket)
+
+    def start(self, auth: bool = False) -> None:
+        raise AssertionError("a shared S3 server is never restarted: start an S3Server of the test's own")
+
+    def stop(self) -> None:
+        pass  # the session's server outlives the test
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300, what: str = "the condition") -> None:
@@ -194,6 +211,18 @@ def scratch_clone(dest: Path) -> Path:
     return dest
 
 
+# What a developer's shell may hold that would point a test's `medasr remote setup`, training mirror or pod at real
+# infrastructure (their S3 bucket, W&B or RunPod account).
+DEVELOPER_SETTINGS = (
+    *SECRETS,
+    "MEDASR_S3_URL",
+    "MEDASR_S3_ENDPOINT_URL",
+    "AWS_PROFILE",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+)
+
+
 def run_env() -> dict[str, str]:
     """Environment for CLI/DVC subprocesses: the venv first on PATH (DVC runs `medasr` through the shell)."""
     env = dict(os.environ)
@@ -203,11 +232,17 @@ def run_env() -> dict[str, str]:
     # session, so no test resumes a checkpoint another run mirrored there
     # (set, not defaulted: a MEDASR_WORKDIR from the caller's shell would share its mirrored checkpoints)
     env["MEDASR_WORKDIR"] = SESSION_WORKDIR
+    # never the developer's own remote, credentials or accounts: a test that needs S3 or a key passes its own
+    for name in DEVELOPER_SETTINGS:
+        env.pop(name, None)
     return env
 
 
-def run(cwd: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(cmd, cwd=cwd, env=run_env(), capture_output=True, text=True, timeout=900)
+def run(
+    cwd: Path, *cmd: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a command with run_env() (plus `env`); fails with its output unless it exits 0 (or check=False)."""
+    proc = subprocess.run(cmd, cwd=cwd, env=run_env() | (env or {}), capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO, tiny_params
+import yaml
+from helpers import REPO, committed_params_text, tiny_params
 
 
 def run_bench(script: str, out, *args: str, timeout: int) -> tuple[dict, str]:
@@ -50,7 +51,11 @@ def test_training_benchmark_runs_every_section_at_tiny_size(tmp_path):
     base, ours = result["compare"][0], result["compare"][1]
     assert base["batch_size"] == 4 and base["batch_tokens"] is None and base["num_buckets"] == 1
     assert base["mean_batch_utts"] == 4 and base["speedup_vs_baseline"] == 1.0
-    assert ours == ours | result["committed_train_params"] and ours["speedup_vs_baseline"] > 0
+    committed = result["committed_train_params"]  # the committed params.yaml's batching (non-empty: the check bites)
+    train_block = yaml.safe_load(committed_params_text())["train"]
+    assert {"batch_size", "batch_tokens", "num_buckets"} <= committed.keys()
+    assert committed == {k: train_block[k] for k in committed}
+    assert ours == ours | committed and ours["speedup_vs_baseline"] > 0
 
     # decoding: the end token is suppressed until 3.5 tokens per audio second
     for row in result["decode"]:

@@ -1,10 +1,13 @@
-"""`medasr doctor` and secrets: .env is loaded, the environment wins, and no secret value is ever printed."""
+"""`medasr doctor` and secrets: .env is loaded, the environment wins, and no secret value is ever printed.
+
+e2e: each runs `medasr doctor` in a subprocess, which imports torch (its GPU check)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
+import pytest
 import yaml
 from helpers import committed_params_text
 
@@ -16,6 +19,7 @@ def doctor(cwd, env_extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.e2e
 def test_doctor_reads_dotenv_but_never_prints_secret_values(tmp_path):
     (tmp_path / "params.yaml").write_text(committed_params_text())
     (tmp_path / ".env").write_text(
@@ -34,6 +38,7 @@ def test_doctor_reads_dotenv_but_never_prints_secret_values(tmp_path):
     assert "params.yaml valid" in out
 
 
+@pytest.mark.e2e
 def test_doctor_fails_on_invalid_params(tmp_path):
     data = yaml.safe_load(committed_params_text())
     data["subset"]["train_size"] = "lots"
@@ -43,6 +48,7 @@ def test_doctor_fails_on_invalid_params(tmp_path):
     assert "subset.train_size" in proc.stdout
 
 
+@pytest.mark.e2e
 def test_environment_wins_over_dotenv(tmp_path):
     (tmp_path / "params.yaml").write_text(committed_params_text())
     (tmp_path / ".env").write_text("WANDB_MODE=disabled\n")

@@ -8,8 +8,6 @@ import pytest
 import torch
 from helpers import tiny_params
 
-pytestmark = pytest.mark.e2e
-
 # The adapter canary-qwen-2.5b ships inside its checkpoint (its config.json's `lora` block): the loader must merge it.
 RELEASED_LORA = {
     "task_type": "CAUSAL_LM",
@@ -58,6 +56,7 @@ def released_like_checkpoint(out, llm_layers: int = 1, encoder_layers: int = 1):
     return model.eval(), ckpt
 
 
+@pytest.mark.e2e
 def test_released_architecture_loads_through_the_preset_loader(tmp_path):
     from medasr.model import apply_freeze, load_released
 
@@ -84,6 +83,7 @@ def test_released_architecture_loads_through_the_preset_loader(tmp_path):
     assert trainable == sum(prm.numel() for n, prm in loaded.named_parameters() if n in names)
 
 
+@pytest.mark.e2e  # imports NeMo and asks it to load a checkpoint
 def test_unloadable_pretrained_is_a_clear_error(tmp_path):
     from medasr import StageError
     from medasr.model import load_released
@@ -145,6 +145,7 @@ def tiny_hf_llm(path, hidden: int = 96):
     return path
 
 
+@pytest.mark.e2e
 def test_compose_preset_trains_a_local_nemo_encoder_with_a_local_hf_llm(tmp_path, demo_manifests):
     from nemo.collections.asr.models import ASRModel
     from transformers import AutoModelForCausalLM

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 from fake_runpod import FakeRunPod
+from fake_runpod import schema_errors as independent_schema_errors
 from helpers import git, run_env, scratch_clone
 
-from medasr.ops.runpod import LaunchState, PodError, PodSpec, RunPodAPI, create_payload, redacted, schema_errors
+from medasr.ops.runpod import LaunchState, PodError, PodSpec, RunPodAPI, create_payload, redacted
 from medasr.ops.status import publish_status, read_status
 from medasr.ops.watch import WatchSettings, decide, watch
 
@@ -29,7 +30,11 @@ def spec(**kw) -> PodSpec:
 
 def test_the_create_request_matches_runpods_schema_and_is_shown_without_secrets():
     body = create_payload(spec(volume_id="vol123"), "NVIDIA A100-SXM4-40GB", ENV)
-    assert schema_errors(body, "CreatePodRequest") == []
+    # create_payload checks the body with the client's own validator; check it again with the fake server's
+    # independent one (tests/fake_runpod.py), and the fields that matter one by one
+    assert independent_schema_errors(body, "CreatePodRequest") == []
+    assert body["name"] == "medasr" and body["image"] == spec().image and body["cloud"] == "SECURE"
+    assert body["gpu"] == {"id": "NVIDIA A100-SXM4-40GB", "count": 1}
     assert body["mounts"] == {"network": [{"volumeId": "vol123", "path": "/workspace"}]}
     assert body["env"]["AWS_SECRET_ACCESS_KEY"] == "planted-aws-secret"  # the pod needs it: it goes in the request
     assert "HOME" not in body["env"] and body["env"]["MEDASR_RUN_ID"] == "r1"
@@ -77,6 +82,31 @@ def dvc_repo(tmp_path, monkeypatch):
         subprocess.run(cmd, cwd=repo, env=run_env(), check=True, capture_output=True)
     monkeypatch.chdir(repo)
     return repo
+
+
+def test_the_fake_api_refuses_a_body_that_breaks_the_schema():
+    """Straight to the fake with httpx, past the client and its own validation: the fake's check stands alone."""
+    import httpx
+
+    server = FakeRunPod(KEY)
+    try:
+        auth = {"Authorization": f"Bearer {KEY}"}
+        good = create_payload(spec(), "NVIDIA H100 PCIe", ENV)
+        bad = good | {"gpu": {"id": "NVIDIA H100 PCIe", "count": 0}, "surprise": True}
+        refused = httpx.post(f"{server.url}/v2/pods", json=bad, headers=auth, timeout=10)
+        assert refused.status_code == 422, refused.text
+        errors = refused.json()["errors"]
+        assert any(e.startswith("gpu/count:") for e in errors) and any("surprise" in e for e in errors), errors
+        assert server.pods == {} and server.schema_violations == errors
+
+        created = httpx.post(f"{server.url}/v2/pods", json=good, headers=auth, timeout=10)
+        assert created.status_code == 201 and created.json()["id"] in server.pods
+        pod = created.json()["id"]
+        action = httpx.post(f"{server.url}/v2/pods/{pod}/action", json={"action": "explode"}, headers=auth, timeout=10)
+        assert action.status_code == 422 and server.pods[pod]["status"] == "RUNNING"
+        assert any(e.startswith("action:") for e in action.json()["errors"])
+    finally:
+        server.close()
 
 
 def beat(repo: Path, state: str, pod: str, detail: str = "", age_s: float = 0) -> None:
@@ -173,7 +203,6 @@ def medasr(repo: Path, *args: str, **env: str) -> subprocess.CompletedProcess[st
     )
 
 
-@pytest.mark.e2e
 def test_pod_commands_from_the_cli(tmp_path, fake):
     repo = scratch_clone(tmp_path / "clone")
     api_env = {"MEDASR_RUNPOD_API_URL": fake.url, "RUNPOD_API_KEY": KEY}

@@ -1,5 +1,6 @@
-"""Live checkpoint mirroring against a real S3-compatible server (moto in server mode on 127.0.0.1, started and
-stopped by these tests): resume on a fresh machine, an S3 outage mid-training, and SIGTERM."""
+"""Live checkpoint mirroring against a real S3-compatible server (moto in server mode on 127.0.0.1: the session's
+shared one, each test in a bucket of its own, and a server of its own for the outage test): resume on a fresh
+machine, an S3 outage mid-training, and SIGTERM."""
 
 from __future__ import annotations
 
@@ -16,9 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import BUCKET, CREDENTIALS, S3Server, run_env, tiny_params, wait_for
-
-pytestmark = pytest.mark.e2e
+from helpers import CREDENTIALS, S3Server, run_env, tiny_params, wait_for
 
 
 def workspace(root: Path, manifests: Path, p, s3: S3Server | None) -> Path:
@@ -30,7 +29,7 @@ def workspace(root: Path, manifests: Path, p, s3: S3Server | None) -> Path:
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"]):
         subprocess.run(cmd, cwd=root, env=env, check=True)
     if s3 is not None:
-        subprocess.run(["dvc", "remote", "add", "-d", "s3", f"s3://{BUCKET}/store"], cwd=root, env=env, check=True)
+        subprocess.run(["dvc", "remote", "add", "-d", "s3", f"s3://{s3.bucket}/store"], cwd=root, env=env, check=True)
         subprocess.run(["dvc", "remote", "modify", "s3", "endpointurl", s3.endpoint], cwd=root, env=env, check=True)
     for cmd in (
         ["git", "add", "-A"],
@@ -40,12 +39,13 @@ def workspace(root: Path, manifests: Path, p, s3: S3Server | None) -> Path:
     return root
 
 
-def train(ws: Path, **popen) -> subprocess.Popen:
+def train(ws: Path, log: Path | None = None, **popen) -> subprocess.Popen:
+    """`medasr train` in `ws`; its output piped, or written to `log` (a run nobody reads until it ends)."""
     return subprocess.Popen(
         [sys.executable, "-m", "stages.cli", "train"],
         cwd=ws,
         env=run_env() | CREDENTIALS,
-        stdout=subprocess.PIPE,
+        stdout=subprocess.PIPE if log is None else log.open("w"),
         stderr=subprocess.STDOUT,
         text=True,
         **popen,
@@ -57,8 +57,14 @@ def final_weights(ws: Path, step: int) -> dict:
     return torch.load(run_dir / f"step-{step:08d}" / "state.ckpt", weights_only=False)["state_dict"]
 
 
+@pytest.mark.e2e
 def test_a_fresh_machine_resumes_from_the_mirrored_checkpoint(tmp_path, demo_manifests, s3):
-    p = tiny_params(**{"train.max_steps": 30, "train.checkpoint_every": 3, "train.val_every": 6})
+    steps = 12  # four checkpoints (two kept), two validations: enough for a resume, pruning and a best adapter
+    p = tiny_params(**{"train.max_steps": steps, "train.checkpoint_every": 3, "train.val_every": 6})
+    # an uninterrupted run to compare with, alongside from the start (no remote: it shares nothing with the pods)
+    straight = workspace(tmp_path / "straight", demo_manifests, p, None)
+    uninterrupted = train(straight, log=tmp_path / "straight.log")
+
     first = workspace(tmp_path / "pod1", demo_manifests, p, s3)
     proc = train(first)
     wait_for(lambda: s3.complete_steps(), proc)
@@ -71,25 +77,27 @@ def test_a_fresh_machine_resumes_from_the_mirrored_checkpoint(tmp_path, demo_man
     out = train(second).communicate(timeout=600)[0]
     metrics = json.loads((second / "metrics" / "train.json").read_text())
     assert metrics["resume_source"] == "remote", out[-3000:]
-    assert metrics["resumed_from_step"] >= mirrored > 0 and metrics["global_step"] == 30
+    assert metrics["resumed_from_step"] >= mirrored > 0 and metrics["global_step"] == steps
     # old mirrored checkpoints are pruned to keep_checkpoints
-    assert len(s3.complete_steps()) <= p.train.keep_checkpoints and max(s3.complete_steps()) == 30
+    assert len(s3.complete_steps()) <= p.train.keep_checkpoints and max(s3.complete_steps()) == steps
 
     # a third machine after the run finished: it restores the final checkpoint (with its best-by-WER adapter) and
     # exports it without training further
     third = workspace(tmp_path / "pod3", demo_manifests, p, s3)
     out = train(third).communicate(timeout=600)[0]
     again = json.loads((third / "metrics" / "train.json").read_text())
-    assert (again["resume_source"], again["resumed_from_step"], again["global_step"]) == ("remote", 30, 30), out[-3000:]
+    restored = (again["resume_source"], again["resumed_from_step"], again["global_step"])
+    assert restored == ("remote", steps, steps), out[-3000:]
     assert again["exported_from"] == "best" and again["exported_step"] == metrics["exported_step"]
 
-    straight = workspace(tmp_path / "straight", demo_manifests, p, None)
-    assert train(straight).wait(timeout=600) == 0
-    a, b = final_weights(straight, 30), final_weights(second, 30)
+    assert uninterrupted.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-3000:]
+    a, b = final_weights(straight, steps), final_weights(second, steps)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_an_s3_outage_during_training_is_retried_and_never_fatal(tmp_path, demo_manifests, s3):
+@pytest.mark.e2e
+def test_an_s3_outage_during_training_is_retried_and_never_fatal(tmp_path, demo_manifests, own_s3):
+    s3 = own_s3  # stopped and restarted below: a server of its own
     p = tiny_params(**{"train.max_steps": 100, "train.checkpoint_every": 3})
     ws = workspace(tmp_path / "pod", demo_manifests, p, s3)
     proc = train(ws)
@@ -104,6 +112,7 @@ def test_an_s3_outage_during_training_is_retried_and_never_fatal(tmp_path, demo_
     assert "testing" not in out.replace("medasr-testing", "")  # credentials never printed
 
 
+@pytest.mark.e2e
 def test_sigterm_checkpoints_mirrors_and_exits_non_zero(tmp_path, demo_manifests, s3):
     p = tiny_params(**{"train.max_steps": 400, "train.checkpoint_every": 50})
     ws = workspace(tmp_path / "pod", demo_manifests, p, s3)
@@ -156,25 +165,25 @@ def test_remote_setup_picks_s3_or_local_and_keeps_a_users_default(tmp_path):
     assert run(repo, "dvc", "remote", "default").stdout.strip() == "mine"
 
 
-def test_a_fresh_clone_without_dvc_lock_restores_every_finished_stage_from_s3(tmp_path, s3):
-    from helpers import VENV_BIN, run, scratch_clone
+@pytest.mark.e2e
+def test_a_fresh_clone_without_dvc_lock_restores_every_finished_stage_from_s3(tmp_path, demo_run):
+    from helpers import run
 
-    env = CREDENTIALS | {"MEDASR_S3_URL": f"s3://{BUCKET}/pipeline", "MEDASR_S3_ENDPOINT_URL": s3.endpoint}
+    env = demo_run.env  # `remote setup` then `make demo`, with a bucket of the session's S3 server as the remote
 
     def sh(cwd: Path, *cmd: str) -> str:
         proc = subprocess.run(cmd, cwd=cwd, env=run_env() | env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
         return proc.stdout + proc.stderr
 
-    first = scratch_clone(tmp_path / "first")
-    sh(first, sys.executable, "-m", "stages.cli", "remote", "setup")
-    sh(first, "make", "-o", "install", "demo", f"VENV={VENV_BIN.parent}")
+    first = demo_run.clone  # the session's demo run: pushed from, never changed here
     sh(first, "dvc", "push", "--run-cache")
-    run(first, "git", "add", "params.yaml")  # the demo's params, but not dvc.lock: a pod that never pushed git
-    run(first, "git", "commit", "-qm", "demo params")
 
+    # a clone with the demo's params committed, but not dvc.lock: a pod that never pushed git
     second = tmp_path / "second"
     run(tmp_path, "git", "clone", "-q", str(first), str(second))
+    shutil.copy2(first / "params.yaml", second / "params.yaml")
+    run(second, "git", "commit", "-qam", "demo params")
     assert not (second / "dvc.lock").exists()
     sh(second, sys.executable, "-m", "stages.cli", "remote", "setup")
     out = sh(second, "dvc", "repro", "--pull")

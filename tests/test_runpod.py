@@ -10,10 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 from helpers import REPO, run_env
-
-pytestmark = pytest.mark.e2e
 
 
 def runpod(tmp: Path, child: str, *args: str, **env: str) -> subprocess.Popen:

@@ -27,8 +27,6 @@ from helpers import (
     wait_for,
 )
 
-pytestmark = pytest.mark.e2e
-
 SECRET = "planted-secret-0a1b2c3d"  # moto without auth accepts any key: plant one to prove it is never written
 
 
@@ -40,6 +38,11 @@ def demo_params() -> dict[str, object]:
 
     overrides = re.findall(r"-S (?:'([^']*)'|(\S+))", block)  # -S key=value or -S 'key=value with spaces'
     return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for pair in overrides for item in pair if item)}
+
+
+# On top of the demo's params: a shorter run with no validation, decoding short hypotheses. The pipeline's shape is
+# the demo's; only the CPU time this test does not look at is cut.
+POD_RUN = {"train.max_steps": 24, "train.checkpoint_every": 4, "train.val_every": 0, "eval.max_new_tokens": 8}
 
 
 def pod_checkout(dest: Path, **overrides: object) -> Path:
@@ -82,9 +85,10 @@ def kill_tree(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+@pytest.mark.e2e
 def test_runpod_sh_survives_a_remote_outage_and_the_loss_of_its_pod(tmp_path):
     s3 = S3Server(free_port())  # not started: the remote is down when the loop starts
-    pod1 = pod_checkout(tmp_path / "pod1", **{"train.max_steps": 40, "train.checkpoint_every": 4})
+    pod1 = pod_checkout(tmp_path / "pod1", **POD_RUN)
     log1 = tmp_path / "work1" / "logs" / "runpod.log"
     proc = runpod(pod1, tmp_path / "work1", s3, "--once")
     try:
@@ -97,7 +101,7 @@ def test_runpod_sh_survives_a_remote_outage_and_the_loss_of_its_pod(tmp_path):
         first_out = proc.stdout.read()
         assert "pipeline finished" not in first_out
 
-        pod2 = pod_checkout(tmp_path / "pod2", **{"train.max_steps": 40, "train.checkpoint_every": 4})
+        pod2 = pod_checkout(tmp_path / "pod2", **POD_RUN)
         proc = runpod(pod2, tmp_path / "work2", s3, "--once")  # a new pod: new disk, new work dir, same remote
         out = proc.communicate(timeout=900)[0]
         assert proc.returncode == 0, out[-4000:]
@@ -106,7 +110,11 @@ def test_runpod_sh_survives_a_remote_outage_and_the_loss_of_its_pod(tmp_path):
             assert f"Stage '{stage}' is cached - skipping run" in pipeline, pipeline[-4000:]
             assert f"Running stage '{stage}'" not in pipeline
         train = json.loads((pod2 / "metrics" / "train.json").read_text())
-        assert train["resume_source"] == "remote" and train["resumed_from_step"] > 0 and train["global_step"] == 40
+        assert (
+            train["resume_source"] == "remote"
+            and train["resumed_from_step"] > 0
+            and train["global_step"] == POD_RUN["train.max_steps"]
+        )
         assert "Running stage 'eval'" in pipeline and (pod2 / "metrics" / "eval.json").is_file()
 
         status = json.loads(
@@ -122,6 +130,7 @@ def test_runpod_sh_survives_a_remote_outage_and_the_loss_of_its_pod(tmp_path):
         s3.stop()
 
 
+@pytest.mark.e2e  # the preflight runs `medasr doctor`, which imports torch
 def test_check_reports_wrong_credentials_and_a_bad_wandb_key_in_one_line_each(tmp_path):
     s3 = S3Server(free_port())
     good = s3.start(auth=True)

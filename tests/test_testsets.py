@@ -116,11 +116,5 @@ def test_eval_names_a_missing_test_set_before_loading_a_model(tmp_path, demo_man
     p = tiny_params(**{"eval.test_sets": [{"name": "consult", "dataset": str(CONSULTATIONS)}]})
     with pytest.raises(StageError, match=r"testsets/consult/manifest.json: run `medasr testsets`"):
         eval_stage.run(
-            p.eval,
-            p.model,
-            p.lora,
-            p.train.seed,
-            demo_manifests,
-            tmp_path / "no-model",
-            testsets_dir=tmp_path / "testsets",
+            p.eval, p.model, p.lora, p.train.seed, demo_manifests, tmp_path / "testsets", tmp_path / "no-model"
         )

@@ -1,6 +1,8 @@
 """train: only the intended parameters learn, resume is exact, and the exported model reloads and transcribes.
 
 All runs use the tiny preset (same SALM class and code path as canary-qwen-2.5b) on the bundled demo audio, CPU.
+The refusals that come before any model is built are fast; the rest is e2e. Tests that only inspect what a plain
+8-step run left behind share one (`trained`); a test that changes its checkpoints works on a copy.
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ from medasr import StageError
 from medasr.paths import CHECKPOINT_STATE as STATE
 from stages.train.checkpoints import data_hash, find_resumable, fingerprint
 
-pytestmark = pytest.mark.e2e
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, demo_manifests) -> Path:
+    """One plain run of the tiny model, 8 steps with a checkpoint every 4 (both kept): tests only read it."""
+    root = tmp_path_factory.mktemp("trained")
+    metrics = train_in(root, demo_manifests, tiny_params(**{"train.max_steps": 8, "train.keep_checkpoints": 3}))
+    assert metrics["global_step"] == 8 and metrics["resume_source"] == "none"
+    return root
 
 
 def train_in(tmp: Path, manifests: Path, p) -> dict:
@@ -65,6 +74,7 @@ def teacher_forced_loss(model, manifests: Path) -> float:
         )
 
 
+@pytest.mark.e2e
 def test_only_lora_encoder_and_projection_learn_and_loss_falls(tmp_path, demo_manifests):
     from medasr.export import load_model
     from medasr.model import base_model
@@ -98,20 +108,22 @@ def test_only_lora_encoder_and_projection_learn_and_loss_falls(tmp_path, demo_ma
     assert teacher_forced_loss(after, demo_manifests) < 0.99 * teacher_forced_loss(before, demo_manifests)
 
 
-def test_changed_lora_rank_starts_fresh_and_raised_max_steps_continues(tmp_path, demo_manifests):
-    p8 = tiny_params(**{"train.max_steps": 8})
-    train_in(tmp_path, demo_manifests, p8)
+@pytest.mark.e2e
+def test_changed_lora_rank_starts_fresh_and_raised_max_steps_continues(tmp_path, demo_manifests, trained):
+    shutil.copytree(trained / "ckpt", tmp_path / "ckpt")  # an 8-step run's checkpoints (a copy: this test adds more)
 
     longer = train_in(tmp_path, demo_manifests, tiny_params(**{"train.max_steps": 12}))
     assert (longer["resume_source"], longer["resumed_from_step"], longer["global_step"]) == ("local", 8, 12)
 
-    rank16 = train_in(tmp_path, demo_manifests, tiny_params(**{"train.max_steps": 12, "lora.rank": 16}))
-    assert (rank16["resume_source"], rank16["resumed_from_step"], rank16["global_step"]) == ("none", 0, 12)
+    # another rank is another run: nothing of the rank-8 run's (now at step 12) is resumed, so 4 steps tell
+    rank16 = train_in(tmp_path, demo_manifests, tiny_params(**{"train.max_steps": 4, "lora.rank": 16}))
+    assert (rank16["resume_source"], rank16["resumed_from_step"], rank16["global_step"]) == ("none", 0, 4)
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, demo_manifests, caplog):
+@pytest.mark.e2e
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, demo_manifests, trained, caplog):
     p = tiny_params(**{"train.max_steps": 8, "train.keep_checkpoints": 3})
-    train_in(tmp_path, demo_manifests, p)
+    shutil.copytree(trained / "ckpt", tmp_path / "ckpt")  # that run's checkpoints, on a copy this test damages
     fp = fingerprint(p.model, p.lora, p.train, data_hash(demo_manifests))
     run_dir = tmp_path / "ckpt" / fp
     assert find_resumable(run_dir, fp).step == 8
@@ -142,16 +154,17 @@ def test_empty_train_split_is_refused(tmp_path):
         train_in(tmp_path, tmp_path / "m", tiny_params())
 
 
-def test_exported_model_reloads_and_transcribes(tmp_path, demo_manifests):
+@pytest.mark.e2e
+def test_exported_model_reloads_and_transcribes(tmp_path, demo_manifests, trained):
     from medasr.export import load_model
     from medasr.inference import transcribe
 
-    train_in(tmp_path, demo_manifests, tiny_params(**{"train.max_steps": 4}))
-    meta = json.loads((tmp_path / "model" / "medasr.json").read_text())
-    assert meta["preset"] == "tiny" and meta["step"] == 4 and meta["lora"]["rank"] == 8
+    exported = trained / "model"  # read only: what this test writes goes under tmp_path
+    meta = json.loads((exported / "medasr.json").read_text())
+    assert meta["preset"] == "tiny" and meta["step"] == 8 and meta["lora"]["rank"] == 8
 
-    model = load_model(tmp_path / "model")
-    again = load_model(tmp_path / "model")
+    model = load_model(exported)
+    again = load_model(exported)
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     clips = sorted((demo_manifests / "audio").glob("*.flac"))[:3]
@@ -159,14 +172,12 @@ def test_exported_model_reloads_and_transcribes(tmp_path, demo_manifests):
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
     assert texts == transcribe(again, clips, batch_size=3, max_new_tokens=8)  # greedy and batch-independent
 
-    # `medasr export --merged`: a plain SALM whose logits match the adapter model's
+    # `medasr export`: a plain SALM, the LoRA merged in, whose logits match the adapter model's
     from typer.testing import CliRunner
 
     from stages.cli import app
 
-    result = CliRunner().invoke(
-        app, ["export", "--merged", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "merged")]
-    )
+    result = CliRunner().invoke(app, ["export", "--model", str(exported), "--out", str(tmp_path / "merged")])
     assert result.exit_code == 0, result.output
     merged = load_model(tmp_path / "merged")
     assert not any(".lora_" in name for name, _ in merged.named_parameters())
@@ -179,7 +190,7 @@ def test_exported_model_reloads_and_transcribes(tmp_path, demo_manifests):
     # `medasr transcribe`: one line per readable file; an unreadable one is reported and makes the exit code 1
     bogus = tmp_path / "notes.wav"
     bogus.write_text("not audio")
-    result = CliRunner().invoke(app, ["transcribe", str(tmp_path / "model"), *map(str, clips[:2]), str(bogus)])
+    result = CliRunner().invoke(app, ["transcribe", str(exported), *map(str, clips[:2]), str(bogus)])
     assert result.exit_code == 1
     assert f"skipped {bogus}: not readable audio" in result.output
     assert [line.split("\t")[0] for line in result.output.splitlines() if "\t" in line] == list(map(str, clips[:2]))
@@ -188,12 +199,13 @@ def test_exported_model_reloads_and_transcribes(tmp_path, demo_manifests):
 SECRET = "planted-secret-value-7f3a"
 
 
-def _train_cli(cwd: Path, params: Path) -> subprocess.Popen:
+def _train_cli(cwd: Path, params: Path, log: Path | None = None) -> subprocess.Popen:
+    """`medasr train` in `cwd`; its output piped, or written to `log` (a run nobody reads until it ends)."""
     return subprocess.Popen(
         [sys.executable, "-m", "stages.cli", "train", "--params", str(params)],
         cwd=cwd,
         env=run_env() | {"AWS_SECRET_ACCESS_KEY": SECRET, "WANDB_API_KEY": "", "WANDB_MODE": "offline"},
-        stdout=subprocess.PIPE,
+        stdout=subprocess.PIPE if log is None else log.open("w"),
         stderr=subprocess.STDOUT,
         text=True,
     )
@@ -211,12 +223,15 @@ def _final_state(ws: Path) -> dict:
     return torch.load(run_dir / "step-00000030" / STATE, weights_only=False, map_location="cpu")
 
 
+@pytest.mark.e2e
 def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, demo_manifests):
     # LoRA dropout on and shuffling on: a resume that skipped the RNG or the data position would diverge.
     p = tiny_params(**{"train.max_steps": 30, "train.checkpoint_every": 3, "lora.dropout": 0.1})
     straight = _workspace(tmp_path / "straight", demo_manifests, p)
     killed = _workspace(tmp_path / "killed", demo_manifests, p)
 
+    # the uninterrupted run goes alongside from the start (it depends on nothing here): two processes, two cores
+    uninterrupted = _train_cli(straight, Path("params.yaml"), log=tmp_path / "straight.log")
     proc = _train_cli(killed, Path("params.yaml"))
     deadline = time.time() + 300
     while not list((killed / "checkpoints").glob("train/*/step-*/meta.json")):
@@ -231,11 +246,11 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, d
     wandb_id = wandb_id_file.read_text()
 
     resumed = _train_cli(killed, Path("params.yaml"))
-    uninterrupted = _train_cli(straight, Path("params.yaml"))
-    for proc in (resumed, uninterrupted):
-        out = proc.communicate(timeout=600)[0]
-        assert proc.returncode == 0, out[-4000:]  # the traceback is at the end
-        assert SECRET not in out
+    out = resumed.communicate(timeout=600)[0]
+    uninterrupted.wait(timeout=600)
+    for proc, text in ((resumed, out), (uninterrupted, (tmp_path / "straight.log").read_text())):
+        assert proc.returncode == 0, text[-4000:]  # the traceback is at the end
+        assert SECRET not in text
 
     metrics = json.loads((killed / "metrics" / "train.json").read_text())
     assert metrics["resume_source"] == "local" and 0 < metrics["resumed_from_step"] < 30, metrics
@@ -286,15 +301,16 @@ def _mixed_length_manifests(folder: Path) -> Path:
 
 def _epoch_batches(manifests: Path, p) -> list[list[float]]:
     """The clip lengths (s) of every batch of one training epoch, as the train stage's data module draws them."""
-    from medasr.model import build_tiny
+    from medasr.model import build_random
     from stages.train.data import make_datamodule
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_tiny(p.lora, p.model.trainable, 0, Path(tmp))
+        model = build_random("tiny", p.lora, p.model.trainable, 0, Path(tmp))
     loader = make_datamodule(model, manifests, p.train).train_dataloader()
     return [sorted((batch["audio_lens"] / 16000).round().tolist()) for batch in loader]
 
 
+@pytest.mark.e2e  # builds the tiny model for its tokenizer
 def test_token_budget_and_buckets_batch_clips_of_similar_length(tmp_path):
     manifests = _mixed_length_manifests(tmp_path / "manifests")
     fixed = _epoch_batches(manifests, tiny_params(**{"train.batch_tokens": None, "train.num_buckets": 1}))

@@ -131,7 +131,8 @@ def make_trainer(train: TrainParams, gpu: bool, callbacks: list[Any], trackers: 
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         logger=trackers,
-        log_every_n_steps=min(10, train.checkpoint_every),
+        # at least once per run, or DVCLive writes no curves and DVC misses the stage's declared plots output
+        log_every_n_steps=max(1, min(10, train.checkpoint_every, train.max_steps)),
         enable_checkpointing=False,
         enable_progress_bar=False,
         callbacks=callbacks,

@@ -79,15 +79,15 @@ def run(
         raise StageError(
             f"{split_manifest('val', manifest_dir)} is empty but train.val_every={train.val_every}: set it to 0"
         )
-    # torch, Lightning and NeMo load only now (10+ s): the checks above cost nothing
     import torch
+
+    if train.optimizer == "adamw8bit" and not torch.cuda.is_available():
+        raise StageError("train.optimizer=adamw8bit needs a CUDA GPU (bitsandbytes); use adamw on this machine")
+    # Lightning and NeMo load only now (10+ s): the checks above cost next to nothing
     from lightning import seed_everything
 
     from stages.train.callback import StopRequest, TrainingCallback, ValSet, stop_on_signals
     from stages.train.data import make_datamodule
-
-    if train.optimizer == "adamw8bit" and not torch.cuda.is_available():
-        raise StageError("train.optimizer=adamw8bit needs a CUDA GPU (bitsandbytes); use adamw on this machine")
 
     started = time.time()
     data_sha256 = data_hash(manifest_dir)
