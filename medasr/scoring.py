@@ -106,7 +106,16 @@ def score_aligned(
     }
 
 
+def score_utterances(
+    references: list[str], hypotheses: list[str]
+) -> tuple[dict[str, Any], list[tuple[str, str]], list[Alignment]]:
+    """Corpus metrics (see `score_aligned`) with what they came from: each utterance's normalised (reference,
+    hypothesis) and its alignment."""
+    normalized = [(normalize(r), normalize(h)) for r, h in zip(references, hypotheses, strict=True)]
+    alignments = [align(r, h) for r, h in normalized]
+    return score_aligned(references, hypotheses, normalized, alignments), normalized, alignments
+
+
 def score(references: list[str], hypotheses: list[str]) -> dict[str, Any]:
     """Corpus-level WER and CER on normalised text, raw WER, and the error counts (see `score_aligned`)."""
-    normalized = [(normalize(r), normalize(h)) for r, h in zip(references, hypotheses, strict=True)]
-    return score_aligned(references, hypotheses, normalized, [align(r, h) for r, h in normalized])
+    return score_utterances(references, hypotheses)[0]

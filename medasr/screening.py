@@ -12,7 +12,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from medasr import StageError
 from medasr.audio import AudioDecodeError, Probe, map_clips, probe
+from medasr.files import read_jsonl
+from medasr.paths import SPLITS, subset_split
 from medasr.raw import shards
 from medasr.text import clean_text, strip_tags
 
@@ -121,3 +124,11 @@ def screen(
             )
         del rows
     return candidates, dropped, rows_in
+
+
+def read_subset(subset_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """The rows the subset stage selected, per split; a missing split file is a StageError naming the stage to run."""
+    missing = [str(subset_split(s, subset_dir)) for s in SPLITS if not subset_split(s, subset_dir).is_file()]
+    if missing:
+        raise StageError(f"missing {', '.join(missing)}: run `medasr subset` (or `dvc repro subset`) first")
+    return {s: read_jsonl(subset_split(s, subset_dir)) for s in SPLITS}

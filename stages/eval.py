@@ -29,7 +29,7 @@ from medasr.paths import (
     split_manifest,
     testset_manifest,
 )
-from medasr.scoring import align, normalize, score_aligned
+from medasr.scoring import score_utterances
 
 log = get_logger(__name__)
 
@@ -41,9 +41,7 @@ def evaluate(model: Any, name: str, rows: list[dict[str, Any]], base: Path, ev: 
     hypotheses = transcribe(model, [base / r["audio_filepath"] for r in readable], ev.batch_size, ev.max_new_tokens)
     seconds = time.perf_counter() - started
     references = [r["text"] for r in readable]
-    normalized = [(normalize(r), normalize(h)) for r, h in zip(references, hypotheses, strict=True)]
-    alignments = [align(r, h) for r, h in normalized]
-    metrics = score_aligned(references, hypotheses, normalized, alignments)
+    metrics, normalized, alignments = score_utterances(references, hypotheses)
     predictions = [
         {
             "id": row["id"],

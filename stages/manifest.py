@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medasr import StageError
 from medasr.clips import build_split
-from medasr.files import atomic_dir, read_jsonl
+from medasr.files import atomic_dir
 from medasr.log import get_logger
 from medasr.params import ManifestParams
-from medasr.paths import AUDIO_SUBDIR, MANIFEST_DIR, RAW_DIR, SPLITS, SUBSET_DIR, split_manifest, subset_split
+from medasr.paths import AUDIO_SUBDIR, MANIFEST_DIR, RAW_DIR, SUBSET_DIR, split_manifest
 from medasr.raw import load_audio_bytes
+from medasr.screening import read_subset
 
 log = get_logger(__name__)
 
@@ -25,10 +25,7 @@ log = get_logger(__name__)
 def run(
     p: ManifestParams, raw_dir: Path = RAW_DIR, subset_dir: Path = SUBSET_DIR, out_dir: Path = MANIFEST_DIR
 ) -> None:
-    missing = [str(subset_split(s, subset_dir)) for s in SPLITS if not subset_split(s, subset_dir).is_file()]
-    if missing:
-        raise StageError(f"missing {', '.join(missing)}: run `medasr subset` (or `dvc repro subset`) first")
-    splits = {s: read_jsonl(subset_split(s, subset_dir)) for s in SPLITS}
+    splits = read_subset(subset_dir)
     audio_bytes = load_audio_bytes(raw_dir, [r for rows in splits.values() for r in rows])  # one read per shard
     with atomic_dir(out_dir) as tmp:
         (tmp / AUDIO_SUBDIR).mkdir()

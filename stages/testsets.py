@@ -22,22 +22,20 @@ from typing import Any
 
 from medasr import StageError
 from medasr.clips import build_split
-from medasr.files import atomic_dir, jsonl, read_jsonl, write_json_atomic
+from medasr.files import atomic_dir, jsonl, write_json_atomic
 from medasr.log import get_logger
 from medasr.params import FetchParams, ManifestParams, SubsetParams, TestSetParams
 from medasr.paths import (
     AUDIO_SUBDIR,
     DROPPED,
     SOURCE_INFO,
-    SPLITS,
     SUBSET_DIR,
     TESTSET_MANIFEST,
     TESTSETS_DIR,
     TESTSETS_METRICS,
-    subset_split,
 )
 from medasr.raw import load_audio_bytes
-from medasr.screening import DROP_REASONS, Candidate, screen
+from medasr.screening import DROP_REASONS, Candidate, read_subset, screen
 from medasr.sources import fetch_to
 
 log = get_logger(__name__)
@@ -46,11 +44,11 @@ log = get_logger(__name__)
 TEST_DROP_REASONS = (*(r for r in DROP_REASONS if r != "over_cap"), "overlaps_training")
 
 
-def training_keys(subset_dir: Path) -> dict[str, set[str]]:
+def training_keys(splits: dict[str, list[dict[str, Any]]]) -> dict[str, set[str]]:
     """Content hashes, ids and groups of every clip in the train and val splits."""
     keys: dict[str, set[str]] = {"content": set(), "id": set(), "group": set()}
-    for split in SPLITS:
-        for row in read_jsonl(subset_split(split, subset_dir)):
+    for rows in splits.values():
+        for row in rows:
             keys["content"].add(row["content"])
             keys["id"].add(row["id"])
             if row["group"] is not None:
@@ -125,10 +123,7 @@ def run(
 ) -> dict[str, Any]:
     """`test_sets` is eval.test_sets; `limits` (subset.*) gives the clip-length filters, `style` (manifest.*) the
     transcript rules."""
-    missing = [str(subset_split(s, subset_dir)) for s in SPLITS if not subset_split(s, subset_dir).is_file()]
-    if missing:
-        raise StageError(f"missing {', '.join(missing)}: run `medasr subset` (or `dvc repro subset`) first")
-    seen = training_keys(subset_dir)
+    seen = training_keys(read_subset(subset_dir))
     summaries: dict[str, Any] = {}
     with atomic_dir(out_dir) as tmp:
         for ts in test_sets:
