@@ -193,11 +193,16 @@ def apply_freeze(model: SALM) -> int:
     return count
 
 
+def trained_names(model: SALM) -> set[str]:
+    """The state-dict keys training changes: trainable parameters plus all buffers (e.g. the encoder's batch-norm
+    statistics)."""
+    return {name for name, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
+
+
 def trained_state(model: SALM) -> dict[str, Any]:
-    """What training changes: trainable parameters plus all buffers (e.g. the encoder's batch-norm statistics)."""
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    buffers = {name for name, _ in model.named_buffers()}
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in trainable | buffers}
+    """What training changes (`trained_names`), as CPU tensors."""
+    names = trained_names(model)
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in names}
 
 
 def base_model(p: ModelParams, lora: LoraParams, seed: int) -> SALM:

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 
 from medasr.files import atomic_dir, sha256_file, write_json_atomic, write_text_atomic
 from medasr.log import get_logger
-from medasr.model import trained_state
+from medasr.model import trained_names, trained_state
 from medasr.params import TrainParams
 from medasr.paths import BEST_DIR, CHECKPOINT_META, CHECKPOINT_STATE, LATEST, TRAINED_WEIGHTS, step_dir_name
 from stages.train.checkpoints import copy_extras, step_dirs
@@ -102,7 +102,7 @@ class TrainingCallback(Callback):
 
     # --- checkpoint contents ---
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        keep = set(trained_state(pl_module))
+        keep = trained_names(pl_module)  # names only: no copy of the weights to the CPU
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["medasr"] = {
             "fingerprint": self.fp,
