@@ -148,7 +148,16 @@ class TrainParams(_Block):
     optimizer: Literal["adamw", "adamw8bit"] = Field(
         description="adamw: torch's AdamW, fused kernel on GPU; adamw8bit: bitsandbytes' 8-bit states (GPU only)"
     )
-    precision: Literal["auto", "32", "bf16"] = Field(description="auto: bf16 on GPU, fp32 on CPU")
+    precision: Literal["auto", "32", "bf16"] = Field(
+        description="auto: bf16 on GPU, fp32 on CPU; bf16 on CPU runs bf16-true there too (slow: it exists to test "
+        "the dtype path a GPU run takes)"
+    )
+    devices: int | None = Field(
+        None,
+        gt=0,
+        description="processes training together (Lightning DDP, one per device): null = every visible GPU, 1 on "
+        "CPU; on CPU a larger value runs that many gloo ranks",
+    )
     val_every: int = Field(ge=0, description="steps between validations (loss + greedy WER); 0 = never")
     val_max_utts: int = Field(gt=0, description="validation uses this fixed slice of the val split")
     early_stop_patience: int = Field(ge=0, description="stop after this many validations without gain; 0 = off")
@@ -172,7 +181,15 @@ class TestSetParams(FetchParams):
 
 class EvalParams(_Block):
     batch_size: int = Field(gt=0, description="utterances decoded together")
-    max_new_tokens: int = Field(gt=0, description="cap on generated tokens per utterance (greedy decoding)")
+    max_new_tokens: int = Field(
+        gt=0, description="cap on generated tokens per utterance (greedy decoding); validation during training too"
+    )
+    train_sample: int = Field(
+        50,
+        ge=0,
+        description="training clips also scored (metrics/eval.json train_sample): the train-vs-val gap shows "
+        "over-fitting, and that targets, prompt and decoding agree; 0 = off",
+    )
     test_sets: list[TestSetParams] = Field(
         description="held-out sets scored for both models besides val (the headline numbers); [] = val only"
     )
