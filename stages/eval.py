@@ -1,23 +1,30 @@
-"""eval stage: the base model and the fine-tuned model transcribe the same held-out audio, scored the same way.
+"""eval stage: the base model and the fine-tuned model transcribe the same audio, scored the same way.
 
-Reads `eval.*` (plus `model.*`, `lora.*`, `train.seed` to rebuild the base), `data/manifests/val.json`, the test
-sets prepared under `data/testsets/` and `models/canary-qwen-medical-lora/`. Writes the DVC metric
-`metrics/eval.json`, one block per audio set: `val` (the split that also picked the checkpoint) and
-`test.<name>` for each of `eval.test_sets` (the headline: audio training never saw). Each block holds `finetuned`
-and `base` (WER, CER, raw WER, error counts, medical-term WER, RTFx) and `wer_reduction`, so `dvc metrics diff`
-shows the gain per set. `metrics/predictions.jsonl` has one row per utterance, model and set. Decoding is batched
+Reads `eval.*` (plus `model.*`, `lora.*`, `train.seed` to rebuild the base), `data/manifests/{val,train}.json`,
+the test sets prepared under `data/testsets/` and `models/canary-qwen-medical-lora/`. Writes the DVC metric
+`metrics/eval.json`, one block per audio set: `val` (the split that also picked the checkpoint), `test.<name>` for
+each of `eval.test_sets` (the headline: audio training never saw) and `train_sample` (`eval.train_sample` training
+clips, picked by a hash of their ids; absent when 0): its gap to `val` shows over-fitting, and a poor score there
+means targets, prompt or decoding disagree with training. Each block holds `finetuned` and `base` (WER, CER, raw
+WER, error counts, medical-term WER, RTFx) and `wer_reduction`, so `dvc metrics diff` shows the gain per set.
+`runtime` records where and in what each model ran: both run on the accelerator when there is one, in the
+precision the model was trained in (medasr.json), and RTFx is measured there; the dtypes are observed during
+decoding, not assumed. `metrics/predictions.jsonl` has one row per utterance, model and set. Decoding is batched
 and greedy with the training prompt; WER is corpus-level on text normalised by medasr/scoring.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from medasr import StageError
+from medasr.export import model_precision
 from medasr.files import jsonl, read_jsonl, write_json_atomic, write_text_atomic
-from medasr.inference import transcribe
+from medasr.inference import observed_dtypes, transcribe
 from medasr.log import get_logger
 from medasr.params import EvalParams, LoraParams, ModelParams
 from medasr.paths import (
@@ -37,9 +44,9 @@ log = get_logger(__name__)
 def evaluate(model: Any, name: str, rows: list[dict[str, Any]], base: Path, ev: EvalParams) -> tuple[dict, list[dict]]:
     """Decode every row with `model` and score it; unreadable audio is counted, not fatal."""
     readable = [row for row in rows if (base / row["audio_filepath"]).is_file()]
-    started = time.perf_counter()
+    started = _clock(model)
     hypotheses = transcribe(model, [base / r["audio_filepath"] for r in readable], ev.batch_size, ev.max_new_tokens)
-    seconds = time.perf_counter() - started
+    seconds = _clock(model) - started
     references = [r["text"] for r in readable]
     metrics, normalized, alignments = score_utterances(references, hypotheses)
     predictions = [
@@ -104,23 +111,53 @@ def run(
     val_rows = read_jsonl(manifest) if manifest.is_file() else []
     if not val_rows:
         raise StageError(f"{manifest} is missing or empty: nothing to evaluate (raise subset.val_size)")
+    train_manifest = split_manifest("train", manifest_dir)
+    if ev.train_sample and not train_manifest.is_file():
+        raise StageError(f"{train_manifest} is missing but eval.train_sample={ev.train_sample}: set it to 0")
     test_manifests = {ts.name: testset_manifest(ts.name, testsets_dir) for ts in ev.test_sets}
     missing = [str(m) for m in test_manifests.values() if not m.is_file()]
     if missing:  # before loading any model
         raise StageError(f"missing {', '.join(missing)}: run `medasr testsets` (or `dvc repro testsets`) first")
+    precision = model_precision(model_dir)  # also refuses a missing model folder, before any model loads
 
-    from medasr.export import load_model
+    from medasr.device import place
+    from medasr.export import load_model, read_meta
     from medasr.model import base_model
 
-    models = {"finetuned": load_model(model_dir), "base": base_model(model_p, lora, seed)}
+    models = {
+        "finetuned": place(load_model(model_dir), precision),
+        "base": place(base_model(model_p, lora, seed, read_meta(model_dir)["base"]), precision),
+    }
     metrics: dict[str, Any] = {"test": {}}
-    metrics["val"], predictions = compare(models, "val", val_rows, manifest.parent, ev)
-    for name, test_manifest in test_manifests.items():
-        metrics["test"][name], preds = compare(models, name, read_jsonl(test_manifest), test_manifest.parent, ev)
-        predictions += preds
+    with ExitStack() as hooks:
+        runtime = {name: hooks.enter_context(observed_dtypes(model)) for name, model in models.items()}
+        metrics["val"], predictions = compare(models, "val", val_rows, manifest.parent, ev)
+        for name, test_manifest in test_manifests.items():
+            metrics["test"][name], preds = compare(models, name, read_jsonl(test_manifest), test_manifest.parent, ev)
+            predictions += preds
+        if ev.train_sample:
+            sample = pick_sample(read_jsonl(train_manifest), ev.train_sample)
+            metrics["train_sample"], preds = compare(models, "train_sample", sample, train_manifest.parent, ev)
+            predictions += preds
+    metrics["runtime"] = {"precision": precision, **runtime}
     write_text_atomic(predictions_file, jsonl(predictions))
     write_json_atomic(metrics_file, metrics)
     return metrics
+
+
+def pick_sample(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """`n` rows picked by a hash of their ids: the same clips on every run, a pick unrelated to the manifest's id
+    order (which can group one speaker or one recording's sections), and adding rows only swaps one in by chance."""
+    return sorted(rows, key=lambda row: hashlib.sha256(str(row["id"]).encode()).hexdigest())[:n]
+
+
+def _clock(model: Any) -> float:
+    """The time once the model's device has finished the work queued on it (CUDA kernels run asynchronously)."""
+    if model.device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(model.device)
+    return time.perf_counter()
 
 
 def _pct(value: float | None) -> str:

@@ -1,0 +1,136 @@
+"""eval: its refusals before any model loads, the training sample it also scores, and a bf16 run through DVC in
+which training and eval compute in bf16 while the audio reaches NeMo's preprocessor as fp32."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers import run, tiny_params
+
+from medasr import StageError
+from medasr.device import accelerator, cpu_bf16_supported
+from stages import eval as eval_stage
+
+
+def rows(n: int, start: int = 0) -> list[dict]:
+    return [
+        {"id": f"utt{i:03d}", "audio_filepath": f"audio/{i}.flac", "duration": 1.0, "text": "x"}
+        for i in range(start, start + n)
+    ]
+
+
+def test_the_training_sample_is_fixed_and_does_not_follow_the_manifest_order():
+    sample = eval_stage.pick_sample(rows(40), 8)
+    assert len(sample) == 8 and sample == eval_stage.pick_sample(rows(40)[::-1], 8)
+    assert [r["id"] for r in sample] != [f"utt{i:03d}" for i in range(8)]  # not the manifest's head
+    grown = eval_stage.pick_sample(rows(40) + rows(10, start=40), 8)
+    assert len({r["id"] for r in grown} & {r["id"] for r in sample}) >= 4  # new rows only swap some in
+    assert len(eval_stage.pick_sample(rows(3), 8)) == 3
+
+
+def _manifests(tmp_path: Path, train: bool) -> Path:
+    out = tmp_path / "manifests"
+    out.mkdir()
+    (out / "val.json").write_text("".join(json.dumps(r) + "\n" for r in rows(2)))
+    if train:
+        (out / "train.json").write_text("".join(json.dumps(r) + "\n" for r in rows(5)))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("train_sample", "train_manifest", "error"),
+    [
+        (4, False, r"train.json is missing but eval.train_sample=4: set it to 0"),
+        (0, False, r"no-model is not a medasr model folder \(no medasr.json\)"),
+        (4, True, r"no-model is not a medasr model folder \(no medasr.json\)"),
+    ],
+)
+def test_eval_refuses_in_one_line_before_loading_any_model(tmp_path, monkeypatch, train_sample, train_manifest, error):
+    import medasr.export
+    import medasr.model
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(medasr.export, "load_model", no_loading)
+    monkeypatch.setattr(medasr.model, "base_model", no_loading)
+    p = tiny_params(**{"eval.train_sample": train_sample, "eval.test_sets": []})
+    with pytest.raises(StageError, match=error):
+        eval_stage.run(
+            p.eval,
+            p.model,
+            p.lora,
+            p.train.seed,
+            _manifests(tmp_path, train_manifest),
+            tmp_path / "testsets",
+            tmp_path / "no-model",
+            tmp_path / "eval.json",
+            tmp_path / "predictions.jsonl",
+        )
+    assert not (tmp_path / "eval.json").exists() and not (tmp_path / "predictions.jsonl").exists()
+
+
+def safetensors_dtypes(path: Path) -> set[str]:
+    """The dtypes a safetensors file stores, from its JSON header."""
+    data = path.read_bytes()
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    return {entry["dtype"] for name, entry in header.items() if name != "__metadata__"}
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(accelerator() == "cpu" and not cpu_bf16_supported(), reason="torch has no bf16 support on this CPU")
+def test_bf16_experiment_trains_and_evaluates_in_bf16_with_fp32_audio(tmp_path, demo_run):
+    # the session's `make demo` (conftest.py), copied: its data stages stay cached, train and eval re-run in bf16
+    clone = Path(shutil.copytree(demo_run.clone, tmp_path / "bf16", symlinks=True))
+    run(clone, "git", "add", "-A")
+    run(clone, "git", "commit", "-qm", "demo baseline")
+    overrides = {
+        "train.precision": "bf16",
+        "train.max_steps": 4,
+        "train.checkpoint_every": 2,
+        "train.val_every": 2,  # validation decodes in bf16 during training too
+        "eval.max_new_tokens": 8,
+        "eval.train_sample": 5,
+    }
+    settings = [arg for key, value in overrides.items() for arg in ("-S", f"{key}={value}")]
+    exp = run(clone, "dvc", "exp", "run", *settings, env=demo_run.env)
+    assert set(re.findall(r"Running stage '(\w+)'", exp.stdout)) == {"train", "eval"}, exp.stdout
+    output = exp.stdout + exp.stderr
+
+    # training: Lightning's bf16-true, so the exported weights are bf16 (int64 only for counters such as batch
+    # norm's); its audio stayed fp32: NeMo's preprocessor warns once per process when it gets anything else, and
+    # NeMo's warnings do reach this output
+    trained = json.loads((clone / "metrics" / "train.json").read_text())
+    assert trained["precision"] == "bf16" and trained["global_step"] == 4
+    model_dir = clone / "models" / "canary-qwen-medical-lora"
+    assert json.loads((model_dir / "medasr.json").read_text())["precision"] == "bf16"
+    for weights in ("trained.safetensors", "model.safetensors"):
+        assert safetensors_dtypes(model_dir / weights) - {"I64"} == {"BF16"}, weights
+    assert "[NeMo W" in output
+    assert "AudioPreprocessor received an input signal" not in output
+
+    # eval: both models placed in the recorded precision; the dtypes are what its hooks saw during decoding
+    evaluated = json.loads((clone / "metrics" / "eval.json").read_text())
+    observed = {
+        "device": "cuda:0" if accelerator() == "cuda" else "cpu",
+        "parameters": "bfloat16",
+        "preprocessor_input": "float32",
+        "encoder_input": "bfloat16",
+    }
+    assert evaluated["runtime"] == {"precision": "bf16", "finetuned": observed, "base": observed}
+
+    # the training sample: the same block as val's, on the clips pick_sample names, tagged in the predictions
+    sample = evaluated["train_sample"]
+    assert (
+        sample.keys() == evaluated["val"].keys() and sample["finetuned"].keys() == evaluated["val"]["finetuned"].keys()
+    )
+    assert sample["finetuned"]["utterances"] == sample["base"]["utterances"] == 5
+    predictions = [json.loads(line) for line in (clone / "metrics" / "predictions.jsonl").read_text().splitlines()]
+    train_rows = [json.loads(line) for line in (clone / "data" / "manifests" / "train.json").read_text().splitlines()]
+    expected = sorted(r["id"] for r in eval_stage.pick_sample(train_rows, 5))
+    for name in ("finetuned", "base"):
+        assert sorted(r["id"] for r in predictions if r["set"] == "train_sample" and r["model"] == name) == expected

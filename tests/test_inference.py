@@ -1,0 +1,149 @@
+"""One device and precision rule: models run where medasr/device.py places them, in the training precision, and
+audio reaches NeMo's preprocessor as fp32 in decoding and in training alike. Decode batches obey a token budget.
+
+The refusals and the batch planner are fast; decoding with a model, and Lightning, are e2e. The same rule through
+`dvc exp run`, training included: tests/test_eval.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import committed_params_text, tiny_params
+from typer.testing import CliRunner
+
+from medasr import StageError, device
+from medasr.device import accelerator, cpu_bf16_supported, place
+from medasr.export import model_precision
+from medasr.inference import FRAMES_PER_SECOND, plan_batches
+
+needs_bf16 = pytest.mark.skipif(
+    accelerator() == "cpu" and not cpu_bf16_supported(), reason="torch has no bf16 support on this CPU"
+)
+
+
+def test_batches_hold_similar_lengths_within_the_size_cap_and_the_token_budget():
+    seconds = [4.0, 0.8, 2.0, 0.8, 1.0, 30.0]
+    assert plan_batches(seconds, 2, None, 0) == [[1, 3], [4, 2], [0, 5]]  # shortest first, ties in input order
+    # a clip costs its audio frames (12.5 per second) + the prompt and new-token allowance; a batch costs its longest
+    # clip times its clips, as training's sampler counts
+    cost = [math.ceil(s * FRAMES_PER_SECOND) + 20 for s in seconds]
+    assert cost == [70, 30, 45, 30, 33, 395]
+    assert plan_batches(seconds, 8, 3 * 33, 20) == [[1, 3, 4], [2], [0], [5]]  # 3 x 33 fits, 4 x 45 does not
+    assert plan_batches(seconds, 8, 2 * 45, 20) == [[1, 3], [4, 2], [0], [5]]
+    assert plan_batches(seconds, 2, 2 * 70, 20) == [[1, 3], [4, 2], [0], [5]]  # the size cap still holds
+    assert plan_batches(seconds, 8, 2 * 70, 20) == [[1, 3, 4], [2, 0], [5]]
+    assert plan_batches(seconds, 8, 10, 20) == [[1], [3], [4], [2], [0], [5]]  # over budget alone: decodes alone
+    assert plan_batches([], 4, 100, 20) == []
+
+
+def _model_folder(tmp_path, meta: dict):
+    (tmp_path / "medasr.json").write_text(json.dumps(meta))
+    return tmp_path
+
+
+def test_model_precision_is_the_training_precision_and_refuses_a_folder_that_is_not_a_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(device, "gpu_available", lambda: False)
+    with pytest.raises(StageError, match=r"no-model is not a medasr model folder \(no medasr.json\)"):
+        model_precision(tmp_path / "no-model")
+    assert model_precision(_model_folder(tmp_path, {"precision": "32"})) == "32"
+    assert model_precision(_model_folder(tmp_path, {"preset": "tiny"})) == "32"  # older folder: this machine's default
+    monkeypatch.setattr(device, "gpu_available", lambda: True)
+    assert model_precision(_model_folder(tmp_path, {"preset": "tiny"})) == "bf16"
+    assert model_precision(_model_folder(tmp_path, {"precision": "32"})) == "32"  # trained in fp32: runs in fp32
+
+
+def test_bf16_without_cpu_support_is_one_line_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(device, "gpu_available", lambda: False)
+    monkeypatch.setattr(device, "cpu_bf16_supported", lambda: False)
+    with pytest.raises(StageError, match=r"medasr.json precision: train.precision=bf16: torch has no bf16 support"):
+        model_precision(_model_folder(tmp_path, {"precision": "bf16"}))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_train_refuses_bf16_on_a_cpu_without_it_in_one_line_touching_nothing(tmp_path, monkeypatch):
+    from stages.cli import app
+
+    monkeypatch.setattr(device, "cpu_bf16_supported", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(committed_params_text().replace("precision: auto", "precision: bf16", 1))
+    assert "precision: bf16" in (tmp_path / "params.yaml").read_text()
+    result = CliRunner().invoke(app, ["train"])
+    assert result.exit_code == 1, result.output
+    assert result.output.splitlines() == [
+        "error: train.precision=bf16: torch has no bf16 support on this CPU; use 32 (or auto) here"
+    ]
+    assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"]
+
+
+@pytest.mark.e2e  # imports Lightning
+@needs_bf16
+def test_bf16_training_casts_the_model_and_the_batch_but_not_its_audio():
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    from stages.train.config import precision_plugin
+
+    plugin = precision_plugin(tiny_params(**{"train.precision": "bf16"}).train, gpu=False)
+    assert isinstance(plugin, HalfPrecision)
+    assert plugin.convert_module(torch.nn.Linear(2, 2)).weight.dtype == torch.bfloat16
+    batch = {  # SALMDataset's batch, plus a float tensor standing for any other
+        "audios": torch.rand(2, 1600) - 0.5,
+        "audio_lens": torch.tensor([1600, 1200]),
+        "input_ids": torch.tensor([[1, 2, 3], [4, 5, 6]]),
+        "loss_mask": torch.tensor([[False, True, True], [False, False, True]]),
+        "other": torch.rand(3),
+    }
+    # a training batch, and a validation batch: NeMo's DataModule keys those by dataset name
+    for out in (plugin.convert_input(batch), plugin.convert_input({"val": batch})["val"]):
+        assert out.keys() == batch.keys()
+        assert out["audios"].dtype == torch.float32 and torch.equal(out["audios"], batch["audios"])
+        assert out["other"].dtype == torch.bfloat16
+        assert all(torch.equal(out[k], batch[k]) for k in ("audio_lens", "input_ids", "loss_mask"))
+    assert type(precision_plugin(tiny_params(**{"train.precision": "32"}).train, gpu=False)).__name__ == "Precision"
+
+
+@pytest.mark.e2e
+@needs_bf16
+def test_a_bf16_model_decodes_fp32_audio_into_bf16_features_in_budgeted_batches(demo_manifests):
+    from medasr.inference import _length, observed_dtypes, prompt_tokens, transcribe
+    from medasr.model import base_model
+
+    p = tiny_params()
+    model = place(base_model(p.model, p.lora, p.train.seed), "bf16")
+    calls: list[tuple[str, torch.dtype, int]] = []
+
+    def watch(name: str, argument: str):  # the test's own hooks, independent of observed_dtypes'
+        def hook(_module, args, kwargs):
+            tensor = kwargs[argument]
+            calls.append((name, tensor.dtype, tensor.shape[0]))
+
+        return hook
+
+    model.perception.preprocessor.register_forward_pre_hook(watch("preprocessor", "input_signal"), with_kwargs=True)
+    model.perception.encoder.register_forward_pre_hook(watch("encoder", "audio_signal"), with_kwargs=True)
+    clips = sorted((demo_manifests / "audio").glob("*.flac"))[:4]
+
+    with observed_dtypes(model) as record:
+        texts = transcribe(model, clips, batch_size=4, max_new_tokens=4)
+    assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
+    assert [c for c in calls if c[0] == "preprocessor"] == [("preprocessor", torch.float32, 4)]
+    assert [c for c in calls if c[0] == "encoder"] == [("encoder", torch.bfloat16, 4)]
+    assert record == {
+        "device": str(model.device),
+        "parameters": "bfloat16",
+        "preprocessor_input": "float32",
+        "encoder_input": "bfloat16",
+    }
+
+    # a budget of the longest clip's positions: transcribe decodes in exactly the batches plan_batches plans
+    seconds = [_length(c) for c in clips]
+    fixed = prompt_tokens(model) + 4
+    budget = max(math.ceil(s * FRAMES_PER_SECOND) for s in seconds) + fixed
+    planned = plan_batches(seconds, 4, budget, fixed)
+    assert len(planned) > 1  # the budget bites
+    calls.clear()
+    assert len(transcribe(model, clips, batch_size=4, max_new_tokens=4, batch_tokens=budget)) == 4
+    assert [n for name, _, n in calls if name == "preprocessor"] == [len(b) for b in planned]
