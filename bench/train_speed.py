@@ -179,7 +179,7 @@ def train_once(model: Any, set_dir: Path, p: Params, gpu: bool, warmup: int, ste
     if not p.train.grad_checkpointing:
         model.llm.gradient_checkpointing_disable()
     timer = step_timer(warmup, model.text_pad_id)
-    trainer = make_trainer(p.train, gpu, [timer], False)
+    trainer = make_trainer(p.train, gpu, 1, [timer], False)  # one device: per-GPU figures
     if gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -124,7 +124,7 @@ def test_changed_lora_rank_starts_fresh_and_raised_max_steps_continues(tmp_path,
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, demo_manifests, trained, caplog):
     p = tiny_params(**{"train.max_steps": 8, "train.keep_checkpoints": 3})
     shutil.copytree(trained / "ckpt", tmp_path / "ckpt")  # that run's checkpoints, on a copy this test damages
-    fp = fingerprint(p.model, p.lora, p.train, data_hash(demo_manifests))
+    fp = fingerprint(p.model, p.lora, p.train, data_hash(demo_manifests), world_size=1, precision="32")
     run_dir = tmp_path / "ckpt" / fp
     assert find_resumable(run_dir, fp).step == 8
 

@@ -105,16 +105,19 @@ def test_resume_point_without_a_mirror(tmp_path):
 
 
 def test_the_fingerprint_covers_what_decides_the_weights_only():
-    def fp(**overrides) -> str:
+    def fp(world_size: int = 1, precision: str = "32", **overrides) -> str:
         p = tiny_params(**overrides)
-        return fingerprint(p.model, p.lora, p.train, "data-sha")
+        return fingerprint(p.model, p.lora, p.train, "data-sha", world_size=world_size, precision=precision)
 
     base = fp()
     assert len(base) == 16 and base == fp()
     # resuming with a longer run, other checkpoint spacing or validation settings continues the same run
     assert base == fp(**{"train.max_steps": 500, "train.checkpoint_every": 7, "train.val_every": 3})
+    # the resolved world size and precision count, not how params spell them (devices null or 1, precision auto)
+    assert base == fp(**{"train.devices": 1, "train.precision": "32"}) == fp(**{"train.precision": "auto"})
+    assert fp(world_size=2) != base and fp(precision="bf16") != base
     # anything that changes the weights at a given step is a different run
     for changed in ({"lora.rank": 16}, {"train.lr": 1e-4}, {"train.seed": 7}, {"train.batch_size": 2}):
         assert fp(**changed) != base, changed
     p = tiny_params()
-    assert fingerprint(p.model, p.lora, p.train, "other-data") != base
+    assert fingerprint(p.model, p.lora, p.train, "other-data", world_size=1, precision="32") != base

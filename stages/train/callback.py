@@ -1,6 +1,11 @@
 """The Lightning callback that makes training resumable and stoppable: it saves checkpoints (with the RNG state and
 the data position), restores them, validates WER and keeps the best weights, stops early, and turns SIGTERM/SIGINT
 into a checkpoint followed by a non-zero exit.
+
+Under DDP every rank runs this callback. Decisions that end or save a step are agreed across ranks (a rank that
+decided alone would wait forever in the next collective): the stop request is reduced over ranks, early stop is
+rank 0's and broadcast. Only rank 0 validates, writes, hashes and mirrors; every rank takes part in
+`trainer.save_checkpoint` (collective), and each rank's RNG state is saved and restored as its own.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from medasr import StageError
 from medasr.files import atomic_dir, sha256_file, write_json_atomic, write_text_atomic
 from medasr.log import get_logger
 from medasr.model import trained_names, trained_state
@@ -40,17 +46,16 @@ class StopRequest:
 
     signal: int | None = None
 
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.signal is None:
+            log.warning("received %s: checkpointing after this step, then exiting", signal.Signals(signum).name)
+        self.signal = signum
+
 
 @contextmanager
 def stop_on_signals(stop: StopRequest) -> Iterator[None]:
     """While training: SIGTERM/SIGINT only set `stop`; the callback acts on it between steps."""
-
-    def handler(signum: int, frame: Any) -> None:
-        if stop.signal is None:
-            log.warning("received %s: checkpointing after this step, then exiting", signal.Signals(signum).name)
-        stop.signal = signum
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, stop.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
@@ -77,12 +82,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextmanager
+def rank_local(model: Any) -> Iterator[None]:
+    """While one rank decodes alone: NeMo's Conformer encoder otherwise agrees its longest input with the other
+    ranks in every forward (an all_reduce they never join: a deadlock)."""
+    synced = [m for m in model.modules() if getattr(m, "sync_max_audio_length", False)]
+    for module in synced:
+        module.sync_max_audio_length = False
+    try:
+        yield
+    finally:
+        for module in synced:
+            module.sync_max_audio_length = True
+
+
 @dataclass(frozen=True)
 class ValSet:
-    """The fixed slice of the val split that validation decodes."""
+    """The fixed slice of the val split that validation decodes, and eval's decode length limit."""
 
     audio: list[Path]
     texts: list[str]
+    max_new_tokens: int
 
 
 class TrainingCallback(Callback):
@@ -104,16 +124,20 @@ class TrainingCallback(Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         keep = trained_names(pl_module)  # names only: no copy of the weights to the CPU
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        rngs: list[Any] = [rng_state()]  # indexed by rank; rank 0 writes the file, so it gathers everyone's
+        if trainer.world_size > 1:
+            rngs = [None] * trainer.world_size
+            torch.distributed.all_gather_object(rngs, rng_state())
         checkpoint["medasr"] = {
             "fingerprint": self.fp,
-            "rng": rng_state(),
+            "rng": rngs,
             "epoch_batches": self.epoch_batches,
             "best": {"best_wer": self.best_wer, "bad_evals": self.bad_evals},
         }
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         info = checkpoint["medasr"]
-        self.pending_rng = info["rng"]
+        self.pending_rng = info["rng"][trainer.global_rank]
         self.epoch_batches = info["epoch_batches"]
         self.best_wer, self.bad_evals = info["best"]["best_wer"], info["best"]["bad_evals"]
 
@@ -121,6 +145,13 @@ class TrainingCallback(Callback):
     # first batch before any hook runs. RNG is restored here, after NeMo reseeded it while building the loader and
     # before the first step.
     def on_train_start(self, trainer, pl_module) -> None:
+        # Lightning installs its own SIGTERM handler when fit starts, which ends the run at the end of a step with
+        # exit status 0 and no checkpoint, on that rank alone (the others then wait forever): this stage's decides
+        signal.signal(signal.SIGTERM, self.stop.handle)
+        # each rank chose its checkpoint itself (rank 0 hands its choice over, but another launcher may not)
+        first = trainer.strategy.broadcast(trainer.global_step, src=0)
+        if not trainer.strategy.reduce_boolean_decision(first == trainer.global_step, all=True):
+            raise StageError(f"rank {trainer.global_rank} resumes step {trainer.global_step}, rank 0 step {first}")
         for config in trainer.lr_scheduler_configs:  # a raised max_steps stretches the schedule
             if getattr(config.scheduler, "max_steps", self.train.max_steps) != self.train.max_steps:
                 log.info("LR schedule stretched to max_steps=%d", self.train.max_steps)
@@ -151,26 +182,44 @@ class TrainingCallback(Callback):
             import psutil
 
             self.first_step = (step, round(time.time() - psutil.Process().create_time(), 2))
-            log.info("first training step of this process (step %d) done %.1f s after process start", *self.first_step)
+            ids = [c.id for c in batch.get("conversations", [])] if batch else []  # under DDP: each rank's own share
+            log.info(
+                "rank %d of %d: first training step of this process (step %d) done %.1f s after process start; "
+                "its batch: %s",
+                trainer.global_rank,
+                trainer.world_size,
+                *self.first_step,
+                " ".join(ids),
+            )
         self.epoch_batches += 1
         self.last_loss = float(outputs["loss"]) if outputs is not None else self.last_loss
         if self.val is not None and self.train.val_every and step % self.train.val_every == 0:
-            self.validate(trainer, pl_module, step)
+            if trainer.is_global_zero:
+                self.validate(trainer, pl_module, step)
+            trainer.strategy.barrier("validation")  # the other ranks wait for rank 0's decode
+            trainer.should_stop = trainer.strategy.broadcast(trainer.should_stop, src=0)  # early stop: rank 0's
+        # each rank's handler sets its flag at its own moment: any rank's request stops all at this step
+        stopping = trainer.strategy.reduce_boolean_decision(self.stop.signal is not None, all=False)
         if step % self.train.checkpoint_every == 0 or step >= self.train.max_steps or trainer.should_stop:
             self.save(trainer, step)
-        if self.stop.signal is not None:
+        if stopping:
             self.save(trainer, step)
             if self.uploader is not None and not self.uploader.drain(self.train.stop_grace_s):
                 log.error(
                     "stop grace time (%ss) ran out before the last checkpoint was mirrored", self.train.stop_grace_s
                 )
-            log.warning("stopped at step %d on signal %d; rerun to resume", step, self.stop.signal)
-            raise TrainingInterrupted(128 + self.stop.signal)
+            signum = self.stop.signal or signal.SIGTERM  # this rank may stop on another rank's signal
+            log.warning("stopped at step %d on signal %d; rerun to resume", step, signum)
+            raise TrainingInterrupted(128 + signum)
 
     def save(self, trainer, step: int) -> None:
         if step == self.last_saved:
             return
+        self.last_saved = step
         name = step_dir_name(step)
+        if not trainer.is_global_zero:  # Lightning writes on rank 0 only, but every rank takes part
+            trainer.save_checkpoint(self.run_dir / name / CHECKPOINT_STATE)
+            return
         with atomic_dir(self.run_dir / name) as tmp:
             trainer.save_checkpoint(tmp / CHECKPOINT_STATE)
             copy_extras(self.run_dir, tmp)  # what must travel with this checkpoint
@@ -184,7 +233,6 @@ class TrainingCallback(Callback):
             }
             write_json_atomic(tmp / CHECKPOINT_META, meta)
         write_text_atomic(self.run_dir / LATEST, name + "\n")
-        self.last_saved = step
         if self.uploader is not None:
             self.uploader.submit(self.run_dir / name)
         for old in step_dirs(self.run_dir)[: -self.train.keep_checkpoints]:
@@ -197,8 +245,17 @@ class TrainingCallback(Callback):
         from medasr.scoring import score
 
         assert self.val is not None
-        wer = score(self.val.texts, transcribe(pl_module, self.val.audio, self.train.batch_size))["wer"]
-        pl_module.log("val_wer", wer)
+        # decoded as eval decodes (its max_new_tokens, this run's token budget per batch)
+        with rank_local(pl_module):
+            texts = transcribe(
+                pl_module,
+                self.val.audio,
+                self.train.batch_size,
+                max_new_tokens=self.val.max_new_tokens,
+                batch_tokens=self.train.batch_tokens,
+            )
+        wer = score(self.val.texts, texts)["wer"]
+        pl_module.log("val_wer", wer, rank_zero_only=True)
         log.info("step %d: val WER %.4f on %d utterances", step, wer, len(self.val.texts))
         if self.best_wer is None or wer < self.best_wer - self.train.early_stop_delta:
             self.best_wer, self.bad_evals = wer, 0

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +29,10 @@ from medasr.paths import (
     LATEST,
     MANIFEST_DIR,
     WANDB_ID_FILE,
+    aside_name,
+    aside_of,
 )
+from medasr.secrets import one_line
 
 if TYPE_CHECKING:
     from medasr.ops.mirror import Mirror
@@ -35,7 +40,7 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 # Bumped whenever what a checkpoint holds changes: a checkpoint from another format is never resumed.
-CHECKPOINT_FORMAT = 3
+CHECKPOINT_FORMAT = 4  # 4: one RNG state per rank
 
 # train.* keys that do not change the weights at a given step, so they stay out of the fingerprint.
 NOT_FINGERPRINTED = {
@@ -48,6 +53,8 @@ NOT_FINGERPRINTED = {
     "early_stop_delta",
     "stop_grace_s",
     "num_workers",  # decoding in workers or inline yields the same batches
+    "devices",  # the resolved world size is fingerprinted instead
+    "precision",  # likewise the resolved precision (auto is bf16 on a GPU, 32 on the CPU)
 }
 # Files beside the checkpoints that travel with each one (to the remote and back): the W&B run id, the DVCLive
 # history and the best-by-WER weights.
@@ -70,13 +77,18 @@ def data_hash(manifest_dir: Path = MANIFEST_DIR) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(model: ModelParams, lora: LoraParams, train: TrainParams, data: str) -> str:
-    """What a checkpoint must match to be resumed: model, LoRA, optimisation params, seed, data."""
+def fingerprint(
+    model: ModelParams, lora: LoraParams, train: TrainParams, data: str, *, world_size: int, precision: str
+) -> str:
+    """What a checkpoint must match to be resumed: model, LoRA, optimisation params, seed, data, and the resolved
+    world size (each rank draws its own share of the batches) and precision."""
     relevant = {
         "model": model.model_dump(),
         "lora": lora.model_dump(),
         "train": train.model_dump(exclude=NOT_FINGERPRINTED),
         "data": data,
+        "world_size": world_size,
+        "precision": precision,
         "checkpoint_format": CHECKPOINT_FORMAT,
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
@@ -152,3 +164,59 @@ def resume_point(run_dir: Path, fp: str, mirror: Mirror | None) -> tuple[Checkpo
         shutil.rmtree(run_dir)  # nothing usable in it (all corrupt or incomplete)
     found = restore_from_mirror(mirror, run_dir, fp) if mirror else None
     return found, "remote" if found else "none"
+
+
+# Lightning's launcher starts ranks > 0 by re-running the command with rank 0's environment: rank 0 leaves what it
+# chose here, so they neither repeat its destructive setup nor hash the data again.
+RANK0_ENV = "MEDASR_TRAIN_RANK0"
+
+
+def hand_over(data_sha256: str, resume: Checkpoint | None) -> None:
+    """Rank 0, before the Trainer starts the other ranks: its data hash and the checkpoint it resumes."""
+    os.environ[RANK0_ENV] = json.dumps({"data_sha256": data_sha256, "resume": str(resume.path) if resume else None})
+
+
+def handed_over() -> dict[str, Any] | None:
+    """What rank 0 handed over (None when this rank was not started by rank 0's launcher, e.g. by torchrun)."""
+    text = os.environ.get(RANK0_ENV)
+    return json.loads(text) if text else None
+
+
+def rank_zero_checkpoint(run_dir: Path, fp: str, handed: dict[str, Any] | None) -> Checkpoint | None:
+    """The checkpoint a rank > 0 resumes: the one rank 0 chose, else (started by another launcher) the newest
+    valid local one, found without deleting or downloading anything. The Trainer checks that all ranks agree."""
+    if handed is None:
+        return find_resumable(run_dir, fp)
+    if handed["resume"] is None:
+        return None
+    folder = Path(handed["resume"])
+    meta = json.loads((folder / CHECKPOINT_META).read_text())
+    if meta["fingerprint"] != fp:
+        raise StageError(f"rank 0 resumes {folder}, of fingerprint {meta['fingerprint']}, not this rank's {fp}")
+    return Checkpoint(folder, int(meta["step"]), meta)
+
+
+def set_aside(run_dir: Path, mirror: Mirror | None, now: datetime | None = None) -> None:
+    """`medasr train --fresh`: move this fingerprint's checkpoints aside (never deleted), on the DVC remote first and
+    then here, so a remote that cannot be reached stops the run before anything local moved (a half-fresh state
+    would have the next pod resume what this machine set aside). Each side keeps its newest aside copy per
+    fingerprint only. A run folder without a complete checkpoint (stopped before its first) holds nothing to resume:
+    it is deleted, as `resume_point` would, rather than replace the aside copy."""
+    name = aside_name(run_dir.name, now or datetime.now(UTC))
+    if mirror is not None:
+        try:
+            moved = mirror.set_aside(name)
+        except Exception as exc:
+            raise StageError(
+                f"--fresh: could not move the checkpoints on DVC remote {mirror.remote!r} aside, so nothing here moved "
+                f"either: {one_line(exc)}"
+            ) from None
+        if moved:
+            log.info("moved the mirrored checkpoints of %s aside to %s on %r", run_dir.name, name, mirror.remote)
+    if run_dir.is_dir() and not any((d / CHECKPOINT_META).is_file() for d in step_dirs(run_dir)):
+        shutil.rmtree(run_dir)
+    if run_dir.is_dir():
+        run_dir.rename(run_dir.with_name(name))
+        log.info("moved %s aside to %s", run_dir, name)
+    for older in sorted(d for d in run_dir.parent.glob(f"{run_dir.name}.*") if aside_of(d.name) == run_dir.name)[:-1]:
+        shutil.rmtree(older)  # names sort by time: the newest stays

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from medasr.audio import TARGET_SAMPLE_RATE
+from medasr.device import resolve_precision
+from medasr.inference import FRAMES_PER_SECOND
 from medasr.log import get_logger
 from medasr.model import AUDIO_TAG, PROMPT_TEXT, apply_freeze
 from medasr.params import MODEL_MAX_AUDIO_SECONDS, TrainParams
@@ -19,8 +21,8 @@ from medasr.paths import split_manifest
 
 log = get_logger(__name__)
 
-# Seconds of audio per encoder frame: canary-qwen's encoder emits 12.5 frames (LLM tokens) per second.
-TOKEN_EQUIVALENT_DURATION = 0.08
+# Seconds of audio per encoder frame (LLM position), as NeMo's samplers measure clips.
+TOKEN_EQUIVALENT_DURATION = 1 / FRAMES_PER_SECOND
 
 
 def data_config(manifest_dir: Path, train: TrainParams) -> dict[str, Any]:
@@ -113,17 +115,50 @@ def prepare_model(model: Any, train: TrainParams, gpu: bool) -> int:
     return trainable
 
 
-def make_trainer(train: TrainParams, gpu: bool, callbacks: list[Any], trackers: Any) -> Any:
-    """The Lightning Trainer: bf16 on GPUs (DDP across several), fp32 on CPU."""
-    import torch
-    from lightning import Trainer
+def process_rank(world_size: int) -> int:
+    """This process's global rank, known before any Trainer exists: torchrun sets RANK; Lightning's launcher
+    starts rank 0 with none of these set and the other ranks with LOCAL_RANK (and NODE_RANK on several nodes)."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    return int(os.environ.get("NODE_RANK", 0)) * world_size + int(os.environ.get("LOCAL_RANK", 0))
 
+
+def precision_plugin(train: TrainParams, gpu: bool) -> Any:
+    """Lightning's precision for `train.precision` as it runs here (medasr/device.py): fp32, or bf16-true with the
+    batch's audio left fp32. NeMo's preprocessor computes features in fp32 and casts them to the model's dtype
+    itself; Lightning's own bf16-true casts every float tensor of the batch, so the audio would reach it rounded to
+    bf16 (which costs accuracy)."""
+    from lightning.pytorch.plugins.precision import HalfPrecision, Precision
+
+    if resolve_precision(train.precision, gpu) == "32":
+        return Precision()
+
+    class Bf16WithFp32Audio(HalfPrecision):
+        def convert_input(self, data: Any) -> Any:
+            if isinstance(data, dict):  # SALMDataset's batch, or validation's {dataset name: batch}
+                return {key: value if key == "audios" else self.convert_input(value) for key, value in data.items()}
+            return super().convert_input(data)
+
+    return Bf16WithFp32Audio("bf16-true")
+
+
+def make_trainer(train: TrainParams, gpu: bool, world_size: int, callbacks: list[Any], trackers: Any) -> Any:
+    """The Lightning Trainer: bf16 on GPUs, fp32 on CPU; `world_size` > 1 is DDP (NCCL on GPUs, gloo on CPU),
+    whose ranks Lightning's launcher starts by re-running this command (plain Popen: they stay in its process
+    group, so a signal to the group reaches every rank)."""
+    from lightning import Trainer
+    from lightning.pytorch.strategies import DDPStrategy
+
+    strategy: Any = "auto"
+    if world_size > 1:
+        # find_unused_parameters as upstream NeMo: a frozen or skipped branch leaves parameters without gradients
+        strategy = DDPStrategy(process_group_backend="nccl" if gpu else "gloo", find_unused_parameters=True)
     return Trainer(
         max_steps=train.max_steps,
         accelerator="gpu" if gpu else "cpu",
-        devices="auto" if gpu else 1,
-        strategy="ddp" if gpu and torch.cuda.device_count() > 1 else "auto",
-        precision="bf16-true" if gpu and train.precision != "32" else "32-true",
+        devices=world_size,
+        strategy=strategy,
+        plugins=[precision_plugin(train, gpu)],
         gradient_clip_val=train.grad_clip or None,
         use_distributed_sampler=False,  # lhotse samplers shard by rank themselves
         limit_val_batches=max(1, -(-train.val_max_utts // train.batch_size)) if train.val_every else 0,

@@ -7,6 +7,8 @@ epoch E and fast-forwards it N batches (metadata only, no audio) as the training
 
 from __future__ import annotations
 
+import functools
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +44,38 @@ def fast_forward(sampler: Any, batches: int) -> None:
     sampler._just_restored_state = True
 
 
+def _worker_init(inner: Any, worker_id: int) -> None:
+    # SIGTERM/SIGINT sent to the stage's process group are the training process's to act on (checkpoint, then
+    # stop its workers itself); torch's workers would die of them, and the training with them
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if inner is not None:
+        inner(worker_id)
+
+
+def shielded(loader: Any) -> Any:
+    """`loader` with its worker processes deaf to stop signals (they stay in the process group, so SIGKILL of the
+    group still ends them)."""
+    source = getattr(loader, "_source", loader)  # NeMo's BroadcastingDataLoader wraps a torch DataLoader
+    if source is not None and getattr(source, "num_workers", None):
+        source.worker_init_fn = functools.partial(_worker_init, source.worker_init_fn)
+    return loader
+
+
 class ResumableDataModule(DataModule):
-    """NeMo's DataModule whose training loader starts at `position` (epoch, batches drawn), once."""
+    """NeMo's DataModule whose training loader starts at `position` (epoch, batches drawn), once; its loaders'
+    workers leave stop signals to the training process."""
 
     position: tuple[int, int] | None = None
 
+    def val_dataloader(self):
+        loaders = super().val_dataloader()  # a CombinedLoader: one loader per validation set
+        for loader in loaders.flattened:
+            shielded(loader)
+        return loaders
+
     def train_dataloader(self):
-        loader = super().train_dataloader()
+        loader = shielded(super().train_dataloader())
         if self.position is not None:
             epoch, batches = self.position
             sampler = train_sampler(loader)

@@ -10,14 +10,18 @@ else starts fresh. A checkpoint restores weights, optimizer, LR schedule, step, 
 resumed run ends with the same weights as an uninterrupted one (stages/train/checkpoints.py, callback.py, data.py).
 
 Training runs through NeMo's DataModule + SALMDataset and a Lightning Trainer: CPU fp32 here, bf16 on GPUs, DDP
-across several GPUs (stages/train/config.py). Nothing is CUDA-specific, and the process stays in the group DVC
-starts, so a signal to the group reaches it.
+over `train.devices` ranks (stages/train/config.py). Nothing is CUDA-specific, and every rank stays in the process
+group DVC starts, so a signal to the group reaches all of them. Under DDP, Lightning's launcher re-runs this
+command per rank once rank 0 reaches `trainer.fit`: rank 0 alone picks the checkpoint (and may delete or download),
+hands its choice over (checkpoints.hand_over), mirrors, validates, exports and writes metrics.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -42,8 +46,16 @@ from medasr.paths import (
     split_manifest,
 )
 from medasr.tracking import loggers, publish_curves
-from stages.train.checkpoints import data_hash, fingerprint, resume_point
-from stages.train.config import make_trainer, prepare_model
+from stages.train.checkpoints import (
+    data_hash,
+    fingerprint,
+    hand_over,
+    handed_over,
+    rank_zero_checkpoint,
+    resume_point,
+    set_aside,
+)
+from stages.train.config import make_trainer, prepare_model, process_rank
 
 log = get_logger(__name__)
 
@@ -71,7 +83,18 @@ def run(
     metrics_file: Path = TRAIN_METRICS,
     curves_dir: Path = TRAIN_CURVES_DIR,
     mirror_checkpoints: bool = True,
+    val_max_new_tokens: int = 128,
+    fresh: bool = False,
 ) -> dict[str, Any]:
+    """Train; under DDP every rank runs this (Lightning's launcher re-runs the command), rank 0 alone sets up
+    resume and writes. `val_max_new_tokens`: eval's decode limit, so validation WER is eval's WER."""
+    import torch
+
+    from medasr.device import resolve_devices, resolve_precision
+
+    gpu = torch.cuda.is_available()
+    world_size, precision = resolve_devices(train.devices, gpu), resolve_precision(train.precision, gpu)
+    rank = process_rank(world_size)
     train_rows, val_rows = _read_split(manifest_dir, "train"), _read_split(manifest_dir, "val")
     if not train_rows:
         raise StageError(f"{split_manifest('train', manifest_dir)} is missing or empty: nothing to train on")
@@ -79,9 +102,7 @@ def run(
         raise StageError(
             f"{split_manifest('val', manifest_dir)} is empty but train.val_every={train.val_every}: set it to 0"
         )
-    import torch
-
-    if train.optimizer == "adamw8bit" and not torch.cuda.is_available():
+    if train.optimizer == "adamw8bit" and not gpu:
         raise StageError("train.optimizer=adamw8bit needs a CUDA GPU (bitsandbytes); use adamw on this machine")
     # Lightning and NeMo load only now (10+ s): the checks above cost next to nothing
     from lightning import seed_everything
@@ -90,31 +111,50 @@ def run(
     from stages.train.data import make_datamodule
 
     started = time.time()
-    data_sha256 = data_hash(manifest_dir)
-    fp = fingerprint(model_p, lora, train, data_sha256)
+    handed = handed_over() if rank else None
+    data_sha256 = handed["data_sha256"] if handed else data_hash(manifest_dir)
+    fp = fingerprint(model_p, lora, train, data_sha256, world_size=world_size, precision=precision)
     run_dir = ckpt_root / fp
-    mirror = open_mirror(fp) if mirror_checkpoints else None
-    resume, source = resume_point(run_dir, fp, mirror)
+    uploader = None
+    if rank == 0:
+        mirror = open_mirror(fp) if mirror_checkpoints else None
+        if fresh:  # `--fresh`: this fingerprint's checkpoints, here and mirrored, moved aside
+            set_aside(run_dir, mirror)
+        resume, source = resume_point(run_dir, fp, mirror)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        uploader = Uploader(mirror, train.keep_checkpoints) if mirror else None
+        if world_size > 1:
+            hand_over(data_sha256, resume)
+    else:  # never repeats rank 0's setup: no deleting, no download, no uploader
+        resume, source = rank_zero_checkpoint(run_dir, fp, handed), "rank 0's"
     log.info("fingerprint %s: %s", fp, f"resuming from step {resume.step} ({source})" if resume else "starting fresh")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    uploader = Uploader(mirror, train.keep_checkpoints) if mirror else None
     stop = StopRequest()
     seed_everything(train.seed, workers=True)
-    gpu = torch.cuda.is_available()
-    model = build_model(model_p, lora, train.seed, run_dir)
+    work_dir = run_dir if rank == 0 else Path(tempfile.mkdtemp(prefix=f"medasr-rank{rank}-"))  # files it generates
+    model = build_model(model_p, lora, train.seed, work_dir)
     trainable = prepare_model(model, train, gpu)
     datamodule = make_datamodule(model, manifest_dir, train)
     datamodule.position = (resume.meta["epoch"], resume.meta["epoch_batches"]) if resume else None
     val_rows = val_rows[: train.val_max_utts]
-    val = ValSet([manifest_dir / r["audio_filepath"] for r in val_rows], [r["text"] for r in val_rows])
+    val = ValSet(
+        [manifest_dir / r["audio_filepath"] for r in val_rows], [r["text"] for r in val_rows], val_max_new_tokens
+    )
     callback = TrainingCallback(train, fp, run_dir, val if train.val_every else None, uploader, stop)
     run_config = {"model": model_p.model_dump(), "lora": lora.model_dump(), "train": train.model_dump()}
-    trackers, wandb_run = loggers(model_p.preset, lora.rank, run_config, run_dir, fp, resume.step if resume else None)
-    trainer = make_trainer(train, gpu, [callback], trackers)
+    trackers: Any = False
+    wandb_run = None
+    if rank == 0:
+        trackers, wandb_run = loggers(
+            model_p.preset, lora.rank, run_config, run_dir, fp, resume.step if resume else None
+        )
+    trainer = make_trainer(train, gpu, world_size, [callback], trackers)
     if resume and resume.step >= train.max_steps:
         log.info("checkpoint at step %d already reaches max_steps=%d: exporting it", resume.step, train.max_steps)
     with stop_on_signals(stop):
         trainer.fit(model, datamodule, ckpt_path=str(resume.path / CHECKPOINT_STATE) if resume else None)
+    if rank != 0:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        return {}
     if wandb_run is not None:
         import wandb
 
@@ -137,6 +177,8 @@ def run(
         "lora": lora.model_dump(),
         "trainable": list(model_p.trainable),
         "seed": train.seed,
+        "precision": precision,  # eval runs the model in the precision it was trained in
+        "world_size": world_size,
         "step": exported_step,
         "fingerprint": fp,
         "data_sha256": data_sha256,
@@ -153,6 +195,8 @@ def run(
         "resumed_from_step": resume.step if resume else 0,
         "resume_source": source,
         "trainable_params": trainable,
+        "precision": precision,
+        "world_size": world_size,
         "exported_step": exported_step,
         "exported_from": exported_from,
         "best_val_wer": callback.best_wer,
