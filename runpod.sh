@@ -67,6 +67,10 @@ install() {
   heartbeat installing
   make install VENV="$VENV" >>"$LOGS/install.log" 2>&1 || { log "install failed: see $LOGS/install.log"; return 1; }
   export PATH="$VENV/bin:$PATH"
+  # the base checkpoint and its LLM's tokenizer into the HF cache on the volume now, not on a stage's GPU time; a
+  # failure is not fatal here: the train stage resolves the same files and says what is missing
+  [[ $MODE == check ]] || medasr download-model >>"$LOGS/install.log" 2>&1 \
+    || log "warning: medasr download-model failed (see $LOGS/install.log); the train stage will try again"
   PUBLISH=1
 }
 

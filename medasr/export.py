@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medasr import StageError
-from medasr.model import PROMPT, load_released, merge_released_lora, trained_state
+from medasr.device import Precision, resolve_precision
+from medasr.model import PROMPT, load_released, load_salm, merge_released_lora, trained_state
 from medasr.params import LoraParams
 from medasr.paths import MEDASR_META, TRAINED_WEIGHTS
+from medasr.release import LLM_BACKBONE_DIR, WEIGHTS
 
 if TYPE_CHECKING:
     from nemo.collections.speechlm2.models import SALM
-
-LLM_BACKBONE_DIR = "llm_backbone"  # where NeMo's from_pretrained looks for the LLM config beside a checkpoint
 
 
 def save_tokenizer_and_llm_config(model: SALM, out: Path) -> None:
@@ -54,12 +54,15 @@ def export(model: SALM, out: Path, meta: dict[str, Any], self_contained: bool) -
 def model_card(meta: dict[str, Any]) -> str:
     """A short card of how the model was made, from medasr.json."""
     base = meta.get("base", {})
+    pins = f"`{base.get('id')}` at revision `{base.get('revision')}`"
+    if "llm" in base:  # the release's tokenizer and LLM config come from another repo, pinned as well
+        pins += f", tokenizer and LLM config `{base['llm']}` at revision `{base.get('llm_revision')}`"
     lines = [
         "# canary-qwen-medical-lora",
         "",
         "LoRA fine-tune of a NeMo SALM speech model for medical speech, made by the medasr pipeline.",
         "",
-        f"- base: `{base.get('id')}` at revision `{base.get('revision')}` (preset `{meta.get('preset')}`)",
+        f"- base: {pins} (preset `{meta.get('preset')}`)",
         f"- adapter: LoRA {json.dumps(meta.get('lora'))}; also trained: {', '.join(meta.get('trainable', [])) or '-'}",
         f"- exported step: {meta.get('step')}; merged: {meta.get('merged', False)}",
         f"- training data sha256: `{meta.get('data_sha256')}`; train fingerprint `{meta.get('fingerprint')}`",
@@ -77,14 +80,51 @@ def model_card(meta: dict[str, Any]) -> str:
 def export_merged(src: Path, out: Path) -> None:
     """A self-contained copy of an exported model with our LoRA merged into the LLM weights (plain SALM, no PEFT).
     Its logits match the unmerged model's to float precision."""
-    model = load_model(src)
+    from medasr.device import place
+
+    untrained_adapter(src)
+    # on the accelerator, in the training precision: the merged weights are saved in the dtype training used
+    model = place(load_model(src), model_precision(src))
     merge_released_lora(model)  # the same merge, applied to our adapter
-    meta = json.loads((src / MEDASR_META).read_text()) | {"merged": True}
+    meta = read_meta(src) | {"merged": True}
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     save_tokenizer_and_llm_config(model, out)
     (out / MEDASR_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     (out / "README.md").write_text(model_card(meta))
+
+
+def untrained_adapter(folder: Path) -> None:
+    """Refuse a model folder whose LoRA never trained: PEFT initialises every lora_B to zero, so an all-zero B means
+    merging changes nothing (an export of a run that did not train, or of the base itself)."""
+    from safetensors import safe_open
+
+    weights = folder / TRAINED_WEIGHTS
+    if not weights.is_file():
+        raise StageError(f"{folder} is not a medasr model folder (no {TRAINED_WEIGHTS})")
+    with safe_open(str(weights), "pt") as f:
+        names = f.keys()  # a safe_open handle is not iterable
+        lora_b = [name for name in names if ".lora_B." in name]
+        if lora_b and not any(f.get_tensor(name).any() for name in lora_b):
+            raise StageError(f"{folder}: the LoRA adapter is untrained (all {len(lora_b)} lora_B weights are zero)")
+
+
+def model_precision(folder: Path) -> Precision:
+    """The precision an exported model runs in: the one it was trained in (medasr.json `precision`), or this
+    machine's default for folders exported before that was recorded. One line, before any model is loaded, when
+    `folder` is not a model folder or this machine cannot run that precision."""
+    try:
+        return resolve_precision(read_meta(folder).get("precision", "auto"))
+    except StageError as exc:
+        raise StageError(f"{Path(folder) / MEDASR_META} precision: {exc}") from None
+
+
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    """An exported folder's medasr.json (how the model was made); one line when `folder` is not a model folder."""
+    meta_file = Path(folder) / MEDASR_META
+    if not meta_file.is_file():
+        raise StageError(f"{folder} is not a medasr model folder (no {MEDASR_META})")
+    return json.loads(meta_file.read_text())
 
 
 def _plain(cfg: Any) -> Any:
@@ -95,19 +135,15 @@ def _plain(cfg: Any) -> Any:
 
 def load_model(folder: str | Path) -> SALM:
     """Load an exported model folder for inference, in one call (eval mode, CPU; move it with `.to(device)`)."""
-    from nemo.collections.speechlm2.models import SALM
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    meta_file = folder / MEDASR_META
-    if not meta_file.is_file():
-        raise StageError(f"{folder} is not a medasr model folder (no {MEDASR_META})")
-    meta = json.loads(meta_file.read_text())
-    if (folder / "model.safetensors").is_file():
-        model = SALM.from_pretrained(str(folder))
-    else:
-        lora = LoraParams(**meta["lora"])
-        model = load_released(meta["base"]["id"], meta["base"]["revision"], lora, meta["trainable"])
+    meta = read_meta(folder)
+    if (folder / WEIGHTS).is_file():
+        model = load_salm(folder, folder / LLM_BACKBONE_DIR, folder, str(folder))
+    else:  # the base at the commits recorded at training (medasr/release.py), never whatever is newest now
+        base, lora = meta["base"], LoraParams(**meta["lora"])
+        model = load_released(base["id"], base["revision"], lora, meta["trainable"], base.get("llm_revision"))
         missing = model.load_state_dict(load_file(str(folder / TRAINED_WEIGHTS)), strict=False)
         if missing.unexpected_keys:
             raise StageError(f"{folder}: weights do not fit the base model: {missing.unexpected_keys[:5]}")

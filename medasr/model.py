@@ -1,9 +1,10 @@
 """Build and freeze the SALM (speech-augmented LM) that the train and eval stages share.
 
 Three presets (`model.preset`), all the same NeMo class `nemo.collections.speechlm2.models.SALM`:
-  - `canary-qwen-2.5b`: the released checkpoint (`model.pretrained` at `model.revision`) through
-    `SALM.from_pretrained`. Its own LoRA (r=128) is merged into the LLM first, so fine-tuning starts from exactly
-    the released weights and `lora.*` shapes only our new adapter.
+  - `canary-qwen-2.5b`: the released checkpoint (`model.pretrained` at `model.revision`), built the way
+    `SALM.from_pretrained` builds it but with the tokenizer/LLM config at a resolved commit (medasr/release.py) and
+    every tensor of the file required to fit (`load_salm`). Its own LoRA (r=128) is merged into the LLM first, so
+    fine-tuning starts from exactly the released weights and `lora.*` shapes only our new adapter.
   - `tiny`: a tiny SALM built offline and deterministically from `train.seed`: a byte-level BPE tokenizer trained on
     a corpus shipped in this package, a 2-layer Qwen3 config, and a 2-layer FastConformer. For tests and the demo.
   - `compose`: any NeMo ASR encoder (`model.pretrained_asr`) with any HF causal LM (`model.pretrained_llm`).
@@ -13,6 +14,8 @@ NeMo is imported lazily (10+ s): nothing here runs at CLI start-up. The exported
 from __future__ import annotations
 
 import copy
+import json
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +25,7 @@ from medasr import StageError
 from medasr.architectures import RELEASED_LLM, RELEASED_PERCEPTION, TINY, TINY_LLM, random_llm_dir, tiny_perception
 from medasr.log import get_logger
 from medasr.params import LoraParams, ModelParams
+from medasr.release import CONFIG, WEIGHTS, resolve
 
 if TYPE_CHECKING:
     from nemo.collections.speechlm2.models import SALM
@@ -130,14 +134,46 @@ def install_lora(model: SALM, lora: LoraParams, trainable: Sequence[str]) -> Non
     maybe_install_lora(model)
 
 
-def load_released(pretrained: str, revision: str | None, lora: LoraParams, trainable: Sequence[str]) -> SALM:
-    """The canary-qwen-2.5b preset: the released weights (hub id or local dir), its LoRA merged, ours installed."""
+def load_salm(checkpoint: Path, llm_config_dir: Path, tokenizer_dir: Path, name: str) -> SALM:
+    """A SALM from a folder holding config.json + model.safetensors, as NeMo's `from_pretrained` builds it (modules
+    from the config, `pretrained_weights` off, then the file's weights), but with the LLM config and tokenizer read
+    from the given folders and strict: NeMo's hub mixin drops missing and unexpected tensors without a word."""
     from nemo.collections.speechlm2.models import SALM
+    from omegaconf import open_dict
+    from safetensors.torch import load_model
 
+    cfg = json.loads((checkpoint / CONFIG).read_text())
+    named_llm = cfg["pretrained_llm"]
+    cfg |= {"pretrained_weights": False, "pretrained_llm": str(llm_config_dir), "tokenizer_path": str(tokenizer_dir)}
     try:
-        model = SALM.from_pretrained(pretrained, revision=revision)
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise StageError(f"could not load model.pretrained={pretrained!r} (offline, or not cached?): {exc}") from None
+        model = SALM(cfg)
+    except (OSError, ValueError) as exc:
+        raise StageError(f"could not build {name} from its config.json: {str(exc).splitlines()[0][:200]}") from None
+    # The names before merge_released_lora: a checkpoint with its own LoRA is built with it (config's `lora`), so
+    # its PEFT names (`base_layer`, `lora_A.default`) match. Tied tensors saved once count as present.
+    missing, unexpected = load_model(model, checkpoint / WEIGHTS, strict=False)
+    if missing or unexpected:
+        fit = f"{_keys(missing, 'missing')}, {_keys(unexpected, 'unexpected')}"
+        raise StageError(f"{name}: {WEIGHTS} does not fit the model its config.json builds: {fit}")
+    with open_dict(model.cfg):  # the config names the LLM as released; the folders used are the caller's to record
+        model.cfg.pretrained_llm = named_llm
+        model.cfg.pop("tokenizer_path")
+    return model
+
+
+def _keys(names: Sequence[str], what: str) -> str:
+    shown = ", ".join(sorted(names)[:3])
+    return f"{len(names)} {what}" + (f" ({shown}{', ...' if len(names) > 3 else ''})" if names else "")
+
+
+def load_released(
+    pretrained: str, revision: str | None, lora: LoraParams, trainable: Sequence[str], llm_revision: str | None = None
+) -> SALM:
+    """The canary-qwen-2.5b preset: the released weights (hub id at `revision`, or a local dir) with its tokenizer
+    and LLM config (`pretrained_llm` at `llm_revision`), its LoRA merged, ours installed."""
+    release = resolve(pretrained, revision, llm_revision)
+    where = f"{pretrained}@{release.revision}" if release.revision else pretrained
+    model = load_salm(release.checkpoint, release.llm_config_dir, release.tokenizer_dir, where)
     merge_released_lora(model)
     install_lora(model, lora, trainable)
     return model
@@ -171,11 +207,25 @@ def build_composed(pretrained_asr: str, pretrained_llm: str, lora: LoraParams, t
 def build_model(p: ModelParams, lora: LoraParams, seed: int, work_dir: Path) -> SALM:
     """The model the train stage starts from, per `model.preset`. `work_dir` holds generated files (tiny LLM)."""
     if p.preset == "tiny":
-        return build_random("tiny", lora, p.trainable, seed, work_dir / "tiny_llm")
-    if p.preset == "canary-qwen-2.5b":
-        return load_released(p.pretrained, p.revision, lora, p.trainable)
-    assert p.pretrained_asr and p.pretrained_llm  # params validation guarantees both for compose
-    return build_composed(p.pretrained_asr, p.pretrained_llm, lora, p.trainable)
+        model = build_random("tiny", lora, p.trainable, seed, work_dir / "tiny_llm")
+    elif p.preset == "canary-qwen-2.5b":
+        model = load_released(p.pretrained, p.revision, lora, p.trainable)
+    else:
+        assert p.pretrained_asr and p.pretrained_llm  # params validation guarantees both for compose
+        model = build_composed(p.pretrained_asr, p.pretrained_llm, lora, p.trainable)
+    if "llm" in p.trainable:
+        unfreeze(model, "llm")
+    return model
+
+
+def unfreeze(model: SALM, part: str) -> None:
+    """Make a part trainable. PEFT freezes every base weight of the LLM when it installs LoRA, and NeMo's
+    freeze_and_subset never unfreezes (it skips frozen parameters), so leaving `llm` out of freeze_params alone
+    trains nothing more."""
+    patterns = [re.compile(pattern) for pattern in PARTS[part]]
+    for name, param in model.named_parameters():
+        if any(pattern.match(name) for pattern in patterns):
+            param.requires_grad = True
 
 
 def apply_freeze(model: SALM) -> int:
@@ -201,21 +251,32 @@ def trained_names(model: SALM) -> set[str]:
 
 def trained_state(model: SALM) -> dict[str, Any]:
     """What training changes (`trained_names`), as CPU tensors."""
-    names = trained_names(model)
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in names}
+    names, seen, state = trained_names(model), set(), {}
+    for k, v in model.state_dict().items():
+        # a tied tensor once (the LLM's lm_head is the embedding when it trains): safetensors refuses shared memory,
+        # and loading the one name sets both
+        if k in names and (memory := (v.data_ptr(), v.shape) if v.numel() else k) not in seen:
+            seen.add(memory)
+            state[k] = v.detach().cpu().contiguous()
+    return state
 
 
-def base_model(p: ModelParams, lora: LoraParams, seed: int) -> SALM:
+def base_model(p: ModelParams, lora: LoraParams, seed: int, pins: dict[str, Any] | None = None) -> SALM:
     """The model before fine-tuning, for the base-vs-fine-tuned comparison: the same preset and seed, untrained,
-    with our (zero-initialised, so inert) adapter installed."""
+    with our (zero-initialised, so inert) adapter installed. `pins`: the `base` block of the fine-tuned model's
+    medasr.json, so the released checkpoint and tokenizer are those it was trained from, not whatever is newest."""
+    if p.preset == "canary-qwen-2.5b" and pins:
+        return load_released(pins["id"], pins["revision"], lora, p.trainable, pins.get("llm_revision")).eval()
     with tempfile.TemporaryDirectory() as tmp:
         return build_model(p, lora, seed, Path(tmp)).eval()
 
 
 def base_description(p: ModelParams) -> dict[str, Any]:
-    """The base model as the exported card and medasr.json name it (hub id and revision where there is one)."""
+    """The base model as the exported card and medasr.json name it, pinned: for canary-qwen-2.5b the commits of
+    the checkpoint and of its LLM's tokenizer/config, as the cache resolves them now (what `build_model` loaded),
+    which `load_model` loads back."""
     if p.preset == "canary-qwen-2.5b":
-        return {"id": p.pretrained, "revision": p.revision}
+        return resolve(p.pretrained, p.revision, local=True).pins()
     if p.preset == "compose":
         return {"id": f"{p.pretrained_asr} + {p.pretrained_llm}", "revision": None}
     return {"id": "tiny", "revision": None}

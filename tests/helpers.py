@@ -259,3 +259,35 @@ def tiny_params(**overrides: Any) -> Params:
     short = {"model.preset": "tiny", "train.max_steps": 12, "train.checkpoint_every": 4, "train.batch_size": 4}
     short |= {"train.lr": 3e-3, "train.warmup_steps": 2, "train.val_every": 0, "train.val_max_utts": 6}
     return parse_params(with_overrides(yaml.safe_load(committed_params_text()), short | overrides))
+
+
+def hf_cache_repo(hub_cache: Path, repo: str, commit: str, files: dict[str, bytes], skipped: tuple[str, ...] = ()):
+    """A model repo as huggingface_hub's `snapshot_download(repo, allow_patterns=...)` leaves it in its cache
+    (HF_HUB_CACHE, $HF_HOME/hub; see huggingface_hub's file_download.py and _tree_cache.py): each file's content in
+    `blobs/` named by its sha256 (LFS files: *.safetensors) or its git blob sha1, `snapshots/<commit>/<path>` as a
+    relative symlink into blobs/, `refs/main` naming the commit, and `trees/<commit>.json`, the repo's file listing,
+    which also names the files the download's patterns left out (`skipped`). Returns the snapshot folder."""
+    import hashlib
+
+    repo_dir = hub_cache / f"models--{repo.replace('/', '--')}"
+    snapshot = repo_dir / "snapshots" / commit
+    listing: dict[str, dict[str, Any]] = {}
+    for name, data in files.items():
+        git_sha1 = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        entry: dict[str, Any] = {"size": len(data), "blob_id": git_sha1}
+        if name.endswith(".safetensors"):
+            entry |= {"lfs_sha256": hashlib.sha256(data).hexdigest(), "lfs_size": len(data)}
+        blob = repo_dir / "blobs" / entry.get("lfs_sha256", git_sha1)
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+        listing[name] = entry
+    for name in skipped:
+        listing[name] = {"size": 1, "blob_id": hashlib.sha1(name.encode()).hexdigest()}
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    (repo_dir / "trees").mkdir(exist_ok=True)
+    (repo_dir / "trees" / f"{commit}.json").write_text(json.dumps({"format_version": 1, "files": listing}, indent=1))
+    return snapshot

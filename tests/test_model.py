@@ -1,12 +1,21 @@
-"""Model presets beyond `tiny`: the released canary-qwen-2.5b architecture through the exact preset loader."""
+"""The canary-qwen-2.5b preset as a pod loads it: the release's layout in a Hugging Face cache, read offline through
+huggingface_hub, strict about the checkpoint's tensors, pinned to commits; `model.trainable: [llm]`; the compose
+preset. The release is a tiny SALM of the same class with the release's config fields and its own LoRA."""
 
 from __future__ import annotations
 
-import copy
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from helpers import tiny_params
+import yaml
+from helpers import committed_params_text, hf_cache_repo, tiny_params
 
 # The adapter canary-qwen-2.5b ships inside its checkpoint (its config.json's `lora` block): the loader must merge it.
 RELEASED_LORA = {
@@ -16,80 +25,230 @@ RELEASED_LORA = {
     "lora_dropout": 0.01,
     "target_modules": ["q_proj", "v_proj"],
 }
+RELEASE, QWEN = "nvidia/canary-qwen-2.5b", "Qwen/Qwen3-1.7B"
+RELEASE_COMMIT, QWEN_COMMIT = "b1469e1" + "0" * 33, "70d244c" + "1" * 33
+# files of the real repos a download with medasr.release's patterns leaves out
+RELEASE_SKIPPED = (".gitattributes", "README.md")
+QWEN_SKIPPED = (".gitattributes", "README.md", "LICENSE", "model-00001-of-00002.safetensors")
 
 
-def released_like_checkpoint(out, llm_layers: int = 1, encoder_layers: int = 1):
-    """canary-qwen-2.5b's released architecture (Qwen3-1.7B shapes + canary-1b-flash FastConformer + LoRA r=128),
-    at reduced depth with random weights, saved the way the release is laid out. The vocabulary is the tiny
-    preset's tokenizer: Qwen's tokenizer cannot be fetched offline, and the loader path does not depend on it."""
-    from nemo.collections.speechlm2.models import SALM
-    from transformers import Qwen3Config
+@dataclass(frozen=True)
+class Release:
+    hf_home: Path
+    model: Any  # the release-like SALM, its own LoRA unmerged, eval mode
+    files: dict[str, bytes]  # the checkpoint repo's root: config.json + model.safetensors
+    llm_files: dict[str, bytes]  # the LLM repo's tokenizer + config
 
-    from medasr.architectures import RELEASED_LLM, RELEASED_PERCEPTION, random_llm_dir
-    from medasr.export import save_tokenizer_and_llm_config
 
-    shapes = {k: v for k, v in RELEASED_LLM.items() if k != "vocab_size"} | {"num_hidden_layers": llm_layers}
-    llm_dir = random_llm_dir(out / "qwen3_src", shapes)
-    assert Qwen3Config.from_pretrained(llm_dir).intermediate_size == RELEASED_LLM["intermediate_size"]
-    perception = copy.deepcopy(RELEASED_PERCEPTION)
-    perception["encoder"]["n_layers"] = encoder_layers
-    cfg = {
-        "pretrained_llm": str(llm_dir),
-        "pretrained_asr": "nvidia/canary-1b-flash",
-        "pretrained_weights": False,
-        "prompt_format": "qwen",
-        "audio_locator_tag": "<|audioplaceholder|>",
-        "freeze_params": [r"^llm\..+$", r"^embed_tokens\..+$"],
-        "prevent_freeze_params": [],
-        "lora": dict(RELEASED_LORA),
-        "perception": perception,
-    }
-    torch.manual_seed(0)
-    model = SALM(cfg)
+def write_cache(hf_home: Path, files: dict[str, bytes], llm_files: dict[str, bytes] | None) -> Path:
+    hf_cache_repo(hf_home / "hub", RELEASE, RELEASE_COMMIT, files, RELEASE_SKIPPED)
+    if llm_files is not None:
+        hf_cache_repo(hf_home / "hub", QWEN, QWEN_COMMIT, llm_files, QWEN_SKIPPED)
+    return hf_home
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory) -> Release:
+    """canary-qwen-2.5b's hub layout with a tiny model: a repo whose root holds only config.json (naming
+    `pretrained_llm: Qwen/Qwen3-1.7B`, with the release's LoRA block) and model.safetensors, and Qwen's tokenizer +
+    LLM config (the tiny ones) as Qwen/Qwen3-1.7B, both in one Hugging Face cache as a download leaves it."""
+    from omegaconf import open_dict
+
+    from medasr.model import build_random
+    from medasr.params import LoraParams
+
+    root = tmp_path_factory.mktemp("release")
+    lora = LoraParams(rank=128, alpha=256, dropout=0.01, target_modules=["q_proj", "v_proj"])
+    model = build_random("tiny", lora, ["encoder", "projection"], 0, root / "qwen")
     with torch.no_grad():  # a released adapter is trained, not zero: give lora_B weights so merging matters
         for name, param in model.named_parameters():
             if ".lora_B." in name:
                 param.normal_(0, 0.02)
-    ckpt = out / "canary-like"
-    model.save_pretrained(ckpt)
-    save_tokenizer_and_llm_config(model, ckpt)
-    return model.eval(), ckpt
+    with open_dict(model.cfg):
+        model.cfg.pretrained_llm, model.cfg.pretrained_asr = QWEN, "nvidia/canary-1b-flash"
+    assert dict(model.cfg.lora) == RELEASED_LORA
+    model.save_pretrained(root / "saved")
+    files = {name: (root / "saved" / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    assert json.loads(files["config.json"])["pretrained_llm"] == QWEN
+    llm_files = {f.name: f.read_bytes() for f in (root / "qwen").iterdir()}
+    return Release(write_cache(root / "hf", files, llm_files), model.eval(), files, llm_files)
+
+
+def offline(monkeypatch, hf_home: Path) -> None:
+    """This process as a pod's after its download: HF_HOME on the cache, HF_HUB_OFFLINE=1 (huggingface_hub reads
+    both at import, so its constants are set too)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def canary_params(**overrides):
+    return tiny_params(**{"model.preset": "canary-qwen-2.5b", "model.pretrained": RELEASE} | overrides)
 
 
 @pytest.mark.e2e
-def test_released_architecture_loads_through_the_preset_loader(tmp_path):
-    from medasr.model import apply_freeze, load_released
+def test_the_release_loads_offline_from_the_hub_cache_merged_and_pinned(release, monkeypatch):
+    from medasr.model import apply_freeze, base_description, load_released
 
-    original, ckpt = released_like_checkpoint(tmp_path)
-    p = tiny_params(**{"model.preset": "canary-qwen-2.5b", "model.pretrained": str(ckpt)})
-    loaded = load_released(p.model.pretrained, None, p.lora, p.model.trainable).eval()
+    offline(monkeypatch, release.hf_home)
+    p = canary_params()  # model.revision: null, as committed: `main` in the cache
+    loaded = load_released(p.model.pretrained, p.model.revision, p.lora, p.model.trainable).eval()
 
-    # our adapter replaced the released one (rank 8 on the 2048-wide projections), and the released one was merged
+    # our adapter replaced the released one (merged): rank lora.rank, not 128
     lora_a = [prm for name, prm in loaded.named_parameters() if ".lora_A." in name]
-    assert lora_a and all(prm.shape == (p.lora.rank, 2048) for prm in lora_a)
-    assert loaded.perception.encoder.d_model == 1024 and loaded.perception.proj.out_features == 2048
+    assert lora_a and all(prm.shape == (p.lora.rank, 64) for prm in lora_a)
     # the same input gives the same logits: merged released LoRA + our zero-initialised adapter == the release
-    embeds = torch.randn(1, 7, 2048)
+    embeds = torch.randn(1, 7, 64)
     with torch.no_grad():
-        expected = original(embeds)["logits"]
-        got = loaded(embeds)["logits"]
-    assert torch.allclose(expected, got, atol=1e-4), (expected - got).abs().max()
+        expected, got = release.model(embeds)["logits"], loaded(embeds)["logits"]
+    assert torch.allclose(expected, got, atol=1e-5), (expected - got).abs().max()
+    # the tokenizer is Qwen's (the LLM repo's snapshot), and the config still names the LLM as released
+    assert loaded.tokenizer.text_to_ids("chest pain") == release.model.tokenizer.text_to_ids("chest pain")
+    assert loaded.cfg.pretrained_llm == QWEN and "tokenizer_path" not in loaded.cfg
+    # `main` resolved to commits: what medasr.json records and load_model loads back
+    pins = {"id": RELEASE, "revision": RELEASE_COMMIT, "llm": QWEN, "llm_revision": QWEN_COMMIT}
+    assert base_description(p.model) == pins
     # default freeze policy: encoder, projection and our LoRA train; the LLM does not
     trainable = apply_freeze(loaded)
     names = {n for n, prm in loaded.named_parameters() if prm.requires_grad}
     assert any(n.startswith("perception.encoder.") for n in names) and any(".lora_" in n for n in names)
-    assert not any(n.startswith("llm.") and ".lora_" not in n for n in names)
-    assert not any(n.startswith("embed_tokens") for n in names)
+    assert not any(n.startswith(("llm.", "embed_tokens")) and ".lora_" not in n for n in names)
     assert trainable == sum(prm.numel() for n, prm in loaded.named_parameters() if n in names)
 
 
-@pytest.mark.e2e  # imports NeMo and asks it to load a checkpoint
+@pytest.mark.e2e
+def test_a_checkpoint_that_does_not_fit_or_a_missing_tokenizer_is_one_clear_error(release, tmp_path, monkeypatch):
+    from safetensors.torch import load, save
+
+    from medasr import StageError
+    from medasr.model import load_released
+
+    tensors = load(release.files["model.safetensors"])
+    dropped = "perception.encoder.layers.0.conv.depthwise_conv.weight"
+    tensors.pop(dropped)
+    tensors["llm.extra.weight"] = torch.zeros(2)
+    files = release.files | {"model.safetensors": save(tensors)}
+    offline(monkeypatch, write_cache(tmp_path / "hf", files, release.llm_files))
+    p = canary_params()
+    with pytest.raises(StageError) as error:
+        load_released(RELEASE, None, p.lora, p.model.trainable)
+    message = str(error.value)
+    assert f"{RELEASE}@{RELEASE_COMMIT}: model.safetensors does not fit" in message and "\n" not in message
+    assert f"1 missing ({dropped}), 1 unexpected (llm.extra.weight)" in message
+
+    # offline without the LLM's tokenizer in the cache: one line naming it, before any model is built
+    offline(monkeypatch, write_cache(tmp_path / "no-qwen", release.files, None))
+    with pytest.raises(
+        StageError, match=r"^tokenizer and config of Qwen/Qwen3-1\.7B@main is not in the Hugging Face cache"
+    ) as error:
+        load_released(RELEASE, None, p.lora, p.model.trainable)
+    assert "\n" not in str(error.value) and "medasr download-model" in str(error.value)
+
+
+def download_model(cwd: Path, hf_home: Path, preset: str = "canary-qwen-2.5b") -> subprocess.CompletedProcess[str]:
+    params = yaml.safe_load(committed_params_text())
+    params["model"] |= {"preset": preset, "pretrained": RELEASE, "revision": None}
+    (cwd / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(cwd), "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "COLUMNS": "300"}
+    cmd = [sys.executable, "-m", "stages.cli", "download-model"]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.e2e  # the release fixture builds a model
+def test_download_model_offline_checks_the_cache_in_one_line(release, tmp_path):
+    ok = download_model(tmp_path, release.hf_home)
+    assert ok.returncode == 0, ok.stderr
+    assert f"cached {RELEASE}@{RELEASE_COMMIT} and the tokenizer/config of {QWEN}@{QWEN_COMMIT}" in ok.stderr
+
+    hf_home = tmp_path / "hf"
+    shutil.copytree(release.hf_home, hf_home, symlinks=True)
+    shutil.rmtree(hf_home / "hub" / f"models--{QWEN.replace('/', '--')}")
+    missing = download_model(tmp_path, hf_home)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    errors = [line for line in missing.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"tokenizer and config of {QWEN}@main is not in the Hugging Face cache" in errors[0]
+
+    tiny = download_model(tmp_path, hf_home, preset="tiny")
+    assert tiny.returncode == 0 and "model.preset tiny: nothing to download" in tiny.stderr
+
+
+@pytest.mark.e2e
+def test_trainable_llm_trains_its_base_weights_and_the_export_is_pinned(release, tmp_path, monkeypatch, demo_manifests):
+    """The canary preset trained from the cache as on a pod, with `model.trainable` including the LLM: its base
+    weights learn, the export records the pins and reloads at them; `medasr export` merges it but refuses an
+    untrained adapter."""
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from medasr.export import export, load_model
+    from medasr.model import apply_freeze, base_model, build_model
+    from stages.cli import app
+    from stages.train.run import run
+
+    offline(monkeypatch, release.hf_home)
+    p = canary_params(**{"model.trainable": ["encoder", "projection", "llm"], "train.max_steps": 3})
+    default = canary_params()
+    metrics = run(
+        p.model,
+        p.lora,
+        p.train,
+        manifest_dir=demo_manifests,
+        ckpt_root=tmp_path / "ckpt",
+        model_dir=tmp_path / "model",
+        metrics_file=tmp_path / "train.json",
+        curves_dir=tmp_path / "curves",
+        mirror_checkpoints=False,  # never into whatever remote the developer's checkout has
+    )
+    base = base_model(default.model, default.lora, default.train.seed)
+    llm_base = {
+        n: prm for n, prm in base.named_parameters() if n.startswith(("llm.", "embed_tokens")) and ".lora_" not in n
+    }
+    assert metrics["trainable_params"] == apply_freeze(build_model(default.model, default.lora, 0, tmp_path)) + sum(
+        prm.numel() for prm in llm_base.values()
+    )
+    trained = load_file(str(tmp_path / "model" / "trained.safetensors"))
+    up = "llm.base_model.model.model.layers.0.mlp.up_proj.weight"
+    assert set(llm_base) <= set(trained) | {"llm.base_model.model.lm_head.weight"}  # tied to embed_tokens, saved once
+    assert not torch.equal(trained[up], llm_base[up])  # the LLM's base weights learned
+
+    meta = json.loads((tmp_path / "model" / "medasr.json").read_text())
+    pins = {"id": RELEASE, "revision": RELEASE_COMMIT, "llm": QWEN, "llm_revision": QWEN_COMMIT}
+    assert meta["base"] == pins
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert f"`{RELEASE}` at revision `{RELEASE_COMMIT}`" in card and f"`{QWEN}` at revision `{QWEN_COMMIT}`" in card
+    # `main` moves on in the cache (a newer release was downloaded): the export still loads its recorded commits
+    hub = release.hf_home / "hub"
+    for repo in (RELEASE, QWEN):
+        (hub / f"models--{repo.replace('/', '--')}" / "refs" / "main").write_text("f" * 40)
+    try:
+        loaded = load_model(tmp_path / "model")
+    finally:
+        for repo, commit in ((RELEASE, RELEASE_COMMIT), (QWEN, QWEN_COMMIT)):
+            (hub / f"models--{repo.replace('/', '--')}" / "refs" / "main").write_text(commit)
+    state = loaded.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in trained.items())
+
+    merged = CliRunner().invoke(app, ["export", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "merged")])
+    assert merged.exit_code == 0, merged.output
+    embeds = torch.randn(1, 5, 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded(embeds)["logits"], load_model(tmp_path / "merged")(embeds)["logits"], atol=1e-5)
+
+    export(base, tmp_path / "untrained", meta, self_contained=False)  # our adapter as installed: lora_B all zero
+    refused = CliRunner().invoke(app, ["export", "--model", str(tmp_path / "untrained"), "--out", str(tmp_path / "x")])
+    assert refused.exit_code == 1 and not (tmp_path / "x").exists()
+    assert "the LoRA adapter is untrained (all 4 lora_B weights are zero)" in refused.output
+
+
 def test_unloadable_pretrained_is_a_clear_error(tmp_path):
     from medasr import StageError
     from medasr.model import load_released
 
     p = tiny_params()
-    with pytest.raises(StageError, match=r"could not load model\.pretrained"):
+    with pytest.raises(StageError, match=r"model\.pretrained='.*missing' is not a folder"):
         load_released(str(tmp_path / "missing"), None, p.lora, p.model.trainable)
 
 
