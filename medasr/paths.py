@@ -7,6 +7,7 @@ experiment's mirrored checkpoints must stay resumable), so they change only with
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 # --- stage outputs (dvc.yaml's outs and metrics) ---------------------------------------------------------------------
@@ -62,6 +63,21 @@ DVCLIVE_DIR = "dvclive"
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+# `medasr train --fresh` moves a run's checkpoint folder (local and mirrored) to a sibling named
+# <fingerprint>.aside-<UTC time>: never a fingerprint, so no resume looks inside it. The newest per fingerprint is kept.
+ASIDE_MARK = ".aside-"
+
+
+def aside_name(fingerprint: str, when: datetime) -> str:
+    return f"{fingerprint}{ASIDE_MARK}{when.astimezone(UTC):%Y%m%dT%H%M%SZ}"
+
+
+def aside_of(name: str) -> str | None:
+    """The fingerprint whose checkpoints a folder named `name` holds moved aside, or None when it is no aside copy."""
+    fingerprint, mark, _ = name.partition(ASIDE_MARK)
+    return fingerprint if mark else None
 
 
 # --- the DVC remote, beside DVC's own cache --------------------------------------------------------------------------

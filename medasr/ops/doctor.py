@@ -17,8 +17,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from medasr import sources
+from medasr.ops.mirror import remote_asides
 from medasr.params import FetchParams, ParamsError, TestSetParams, load_params
-from medasr.secrets import SECRETS, redact_url
+from medasr.paths import CHECKPOINT_ROOT, aside_of
+from medasr.secrets import SECRETS, one_line, redact_url
 from medasr.tracking import wandb_mode
 
 Status = Literal["ok", "warn", "fail"]
@@ -55,8 +57,27 @@ def _gpu() -> Check:
     return Check("gpu", ", ".join(names))
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _listing(asides: dict[str, int]) -> str:
+    return ", ".join(f"{name} ({_size(size)})" for name, size in asides.items())
+
+
+def local_asides(root: Path = CHECKPOINT_ROOT) -> dict[str, int]:
+    """The checkpoint folders `medasr train --fresh` moved aside here, with the bytes each holds."""
+    folders = sorted(d for d in root.iterdir() if d.is_dir() and aside_of(d.name)) if root.is_dir() else []
+    return {str(d): sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d in folders}
+
+
 def disk(path: Path) -> Check:
-    """Free space at `path` against the floor (warn below it)."""
+    """Free space at `path` against the floor (warn below it), naming the checkpoints moved aside here, which a
+    user may delete to free space (one line: runpod.sh's preflight logs it)."""
     setting = os.environ.get("MEDASR_MIN_FREE_GB") or str(MIN_FREE_DISK_GIB)
     try:
         floor = float(setting)
@@ -64,7 +85,24 @@ def disk(path: Path) -> Check:
         return Check("disk free", f"MEDASR_MIN_FREE_GB={setting!r} is not a number of GiB", "fail")
     free = shutil.disk_usage(path).free / 2**30
     status: Status = "ok" if free >= floor else "warn"
-    return Check("disk free", f"{free:.0f} GiB at {path} (need {floor:g})", status)
+    asides = local_asides()
+    held = f"; checkpoints moved aside by --fresh: {_listing(asides)}" if asides else ""
+    return Check("disk free", f"{free:.0f} GiB at {path} (need {floor:g}){held}", status)
+
+
+def _remote_asides() -> Check:
+    from dvc.exceptions import NotDvcRepoError
+
+    name = "aside checkpoints (remote)"
+    try:
+        found = remote_asides()
+    except NotDvcRepoError:
+        return Check(name, "no DVC repo here")
+    except Exception as exc:  # unreachable, refused: the dvc remote row says more
+        return Check(name, f"could not list: {one_line(exc)}", "warn")
+    if found is None:
+        return Check(name, "no default DVC remote")
+    return Check(f"aside checkpoints ({found[0]})", _listing(found[1]) or "none")
 
 
 def _dvc_remote() -> Check:
@@ -119,7 +157,7 @@ def dataset_problems(fetch: FetchParams, test_sets: list[TestSetParams]) -> list
 def run_checks(params: Path) -> list[Check]:
     checks = [Check("python", platform.python_version())]
     checks += [_version(p) for p in PACKAGES]
-    checks += [_gpu(), disk(Path.cwd()), _dvc_remote(), _wandb()]
+    checks += [_gpu(), disk(Path.cwd()), _dvc_remote(), _remote_asides(), _wandb()]
     checks += [Check(f"${name}", "set" if os.environ.get(name) else "not set") for name in SECRETS]
     checks += _params(params)
     return checks

@@ -4,7 +4,8 @@ DVC cannot push a stage's outputs while the stage runs, so the train stage mirro
 filesystem of the repo's default DVC remote (S3 through dvc-s3, or a local directory): the same storage, endpoint
 and credentials as `dvc push`. Layout: `<remote>/medasr-checkpoints/<fingerprint>/step-NNNNNNNN/`, with
 `meta.json` uploaded last as the completeness marker. A half-uploaded checkpoint has no meta.json and is never
-used. Uploads run on a background thread with retries: a failed upload is reported, never fatal to training.
+used. `medasr train --fresh` moves a run's folder to `<fingerprint>.aside-<UTC time>/` beside it (`Mirror.set_aside`).
+Uploads run on a background thread with retries: a failed upload is reported, never fatal to training.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from medasr.files import atomic_dir
 from medasr.log import get_logger
 from medasr.ops.remote import default_remote
-from medasr.paths import CHECKPOINT_META, REMOTE_CHECKPOINTS
+from medasr.paths import CHECKPOINT_META, REMOTE_CHECKPOINTS, aside_of
 from medasr.secrets import one_line
 
 log = get_logger(__name__)
@@ -55,6 +56,29 @@ class Mirror:
         for name in self.complete_steps()[keep:]:
             self.fs.rm(self.fs.join(self.root, name), recursive=True)
 
+    def set_aside(self, name: str) -> bool:
+        """`medasr train --fresh`: move this run's mirrored checkpoints to the sibling `name` (see paths.aside_name);
+        only the newest aside copy of the fingerprint is kept. False when there was no complete checkpoint to move.
+
+        S3 has no rename, so everything is copied first (each checkpoint's meta.json last, as in `upload`), then every
+        completeness marker goes in one delete request, then the rest. Interrupted while copying, the run is as it was
+        (a retry starts over); after that, nothing left in it is resumable and the aside copy is complete. What is
+        left without any marker (such an interrupted move, a run stopped before its first checkpoint) is deleted
+        without becoming an aside copy, which would replace the complete one."""
+        files = sorted(self.fs.find(self.root))
+        parts = {f: self.fs.relparts(f, self.root) for f in files}
+        markers = [f for f in files if parts[f][0].startswith("step-") and parts[f][1:] == (CHECKPOINT_META,)]
+        base, fingerprint = self.fs.parent(self.root), self.fs.name(self.root)
+        if markers:
+            for path in [f for f in files if f not in markers] + markers:
+                self.fs.copy(path, self.fs.join(base, name, *parts[path]))
+            self.fs.rm(markers)
+        if files:
+            self.fs.rm(self.root, recursive=True)
+        for older in [n for n in asides(self.fs, base) if aside_of(n) == fingerprint][:-1]:  # names sort by time
+            self.fs.rm(self.fs.join(base, older), recursive=True)
+        return bool(markers)
+
     def download(self, name: str, run_dir: Path) -> Path:
         """Fetch one mirrored checkpoint into the local run folder (atomically); returns its local path."""
         src = self.fs.join(self.root, name)
@@ -64,6 +88,22 @@ class Mirror:
                 local.parent.mkdir(parents=True, exist_ok=True)
                 self.fs.get_file(remote_path, str(local))
         return run_dir / name
+
+
+def asides(fs: Any, base: str) -> list[str]:
+    """The names of the aside copies (see paths.aside_name) in the checkpoints folder `base` of a filesystem."""
+    if not fs.exists(base):
+        return []
+    return sorted(n for n in (fs.name(p) for p in fs.ls(base, detail=False)) if aside_of(n))
+
+
+def remote_asides(repo_root: Path | str = ".") -> tuple[str, dict[str, int]] | None:
+    """The default DVC remote's name and its aside copies with the bytes each holds; None without a remote."""
+    remote = default_remote(repo_root)
+    if remote is None:
+        return None
+    fs, base = remote.fs, remote.fs.join(remote.path, REMOTE_CHECKPOINTS)
+    return remote.name, {n: sum(s or 0 for s in fs.sizes(list(fs.find(fs.join(base, n))))) for n in asides(fs, base)}
 
 
 def open_mirror(fingerprint: str, repo_root: Path | str = ".") -> Mirror | None:
