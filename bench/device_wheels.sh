@@ -2,7 +2,8 @@
 # Download the wheels the GPU machine this project borrows for measurements (an H100 by default, an H200 on request;
 # x86_64, no network) lacks for `from nemo.collections.speechlm2.models import SALM`, `from
 # nemo.collections.speechlm2.data import DataModule, SALMDataset`, building a SALM and training it with Lightning.
-# Writes them into .whl/ (git-ignored here); see bench/DEVICE.md for how a run there installs them. Only what that
+# Also dvc + dvclive, which the train stage's trackers import (gpu_check's stages and restart sections need them).
+# Writes them into .whl/ (git-ignored here); bench/gpu_check.sh installs them there (bench/DEVICE.md). Only what that
 # import chain and a training step import and the machine's image lacks is here; torch, transformers, peft, numpy,
 # etc. are the image's own. The image was reported with Python 3.12 on the H200; the H100 is assumed to share it
 # (not checked). Versions are those of requirements.txt.
@@ -47,6 +48,19 @@ PINS=(
   opentelemetry-api==1.45.2                            # wandb.analytics, at import time
   whisper_normalizer==0.1.15                           # speechlm2 WER/BLEU metrics, imported by SALM
   more-itertools==11.2.1                               # whisper_normalizer
+  # The train stage's trackers (medasr/tracking.py): `dvclive.lightning` imports `dvc` at import time, and dvc pulls
+  # its whole dependency tree in (15.1 MiB, pygit2 and cryptography 9.2 of it). Needed by gpu_check's stages and
+  # restart sections (stages.train.run.run, `medasr train`); W&B offline needs nothing beyond wandb's own set above.
+  dvclive==3.49.1 dvc==3.67.1 dvc-data==3.18.3 dvc-objects==5.2.0 dvc-http==2.32.0 dvc-render==1.0.2
+  dvc-studio-client==0.23.0 dvc-task==0.40.2 scmrepo==3.6.2 pygit2==1.21.0 dulwich==1.2.21 gitpython==3.2.1
+  gitdb==4.0.12 smmap==5.0.3 asyncssh==2.24.1 cryptography==50.0.2 pycparser==3.12 aiohttp-retry==2.9.1
+  celery==5.7.0 kombu==5.7.0 amqp==5.4.2 vine==5.1.0 billiard==4.3.2 click-didyoumean==0.3.1
+  click-plugins==1.1.1.2 click-repl==0.4.1 prompt-toolkit==3.0.53 wcwidth==0.9.4 tzlocal==5.4.5
+  gto==1.10.1 entrypoints==0.4.2 semver==3.1.1 pydantic-settings==2.16.3 python-dotenv==1.2.4
+  funcy==2.1 ruamel.yaml==0.19.1 configobj==5.0.9 dictdiffer==0.10.0 diskcache==5.6.3 distro==1.9.0
+  dpath==2.2.0 flatten-dict==0.5.0 flufl.lock==9.2.0 atpublic==9.0.0 grandalf==0.8 iterative-telemetry==0.0.10
+  appdirs==1.4.4 orjson==3.13.0 pydot==4.0.1 pygtrie==2.6.2 sqltrie==0.11.3 shortuuid==1.0.13 shtab==1.13.0
+  tomlkit==0.15.2 voluptuous==0.16.0 zc.lockfile==4.0
 )
 SDIST_ONLY=(antlr4-python3-runtime)   # no wheel on PyPI: `pip wheel` builds a py3-none-any wheel from the sdist
 LIMIT_MIB=60                          # at most 64 MiB travel with a command, the repo itself included
