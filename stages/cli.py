@@ -110,8 +110,17 @@ def manifest(params: Path = PARAMS_OPTION) -> None:
 
 
 @app.command()
-def train(params: Path = PARAMS_OPTION) -> None:
-    """LoRA fine-tune per model.*, lora.*, train.*; resumes from its newest matching checkpoint.
+def train(
+    params: Path = PARAMS_OPTION,
+    fresh: bool = typer.Option(
+        False,
+        "--fresh",
+        envvar="MEDASR_TRAIN_FRESH",  # how `dvc repro`/`dvc exp run`, which run plain `medasr train`, ask for it
+        help="Start over: move this run's checkpoints (local and on the DVC remote) aside to "
+        "<fingerprint>.aside-<UTC time>, keeping the newest aside copy per run.",
+    ),
+) -> None:
+    """LoRA fine-tune per model.*, lora.*, train.*; resumes from its newest matching checkpoint unless --fresh.
 
     Reads data/manifests/; writes models/canary-qwen-medical-lora/, metrics/train.json, and resumable checkpoints
     under checkpoints/train/ (git-ignored).
@@ -119,7 +128,7 @@ def train(params: Path = PARAMS_OPTION) -> None:
     p = _params(params)
     from stages.train.run import run
 
-    _one_line_errors(lambda: run(p.model, p.lora, p.train))
+    _one_line_errors(lambda: run(p.model, p.lora, p.train, val_max_new_tokens=p.eval.max_new_tokens, fresh=fresh))
 
 
 @app.command()
@@ -137,10 +146,12 @@ def testsets(params: Path = PARAMS_OPTION) -> None:
 
 @app.command(name="eval")
 def evaluate(params: Path = PARAMS_OPTION) -> None:
-    """Transcribe val and every test set with the fine-tuned and the base model and score both, per eval.*.
+    """Transcribe val, every test set and a sample of the training clips with the fine-tuned and the base model
+    and score both, per eval.*; on the GPU when there is one, in the precision the model was trained in.
 
-    Reads data/manifests/val.json, data/testsets/ and models/canary-qwen-medical-lora/; writes metrics/eval.json
-    (val.* and test.<name>.*, each with finetuned, base and wer_reduction) and metrics/predictions.jsonl.
+    Reads data/manifests/{val,train}.json, data/testsets/ and models/canary-qwen-medical-lora/; writes
+    metrics/eval.json (val.*, test.<name>.* and train_sample.*, each with finetuned, base and wer_reduction, plus
+    runtime) and metrics/predictions.jsonl.
     """
     p = _params(params)
     from stages import eval as stage
@@ -155,12 +166,14 @@ def transcribe(
     batch_size: int = typer.Option(8, min=1),
     max_new_tokens: int = typer.Option(256, min=1),
 ) -> None:
-    """Print `file<TAB>transcript` for each audio file, greedy decoding with the training prompt.
+    """Print `file<TAB>transcript` for each audio file, greedy decoding with the training prompt, on the GPU when
+    there is one, in the precision the model was trained in.
 
     Unreadable files are reported on stderr and skipped; the exit code is 1 if any was skipped.
     """
     from medasr.audio import AudioDecodeError, decode
-    from medasr.export import load_model
+    from medasr.device import place
+    from medasr.export import load_model, model_precision
     from medasr.inference import transcribe as run_transcribe
 
     readable = []
@@ -170,15 +183,25 @@ def transcribe(
             readable.append(path)
         except (OSError, AudioDecodeError) as exc:
             typer.echo(f"skipped {path}: {exc}", err=True)
-    loaded = _one_line_errors(lambda: load_model(model))
-    import torch
-
-    if torch.cuda.is_available():
-        loaded = loaded.to("cuda", dtype=torch.bfloat16)
+    precision = _one_line_errors(lambda: model_precision(model))  # before loading: a wrong folder fails at once
+    loaded = place(_one_line_errors(lambda: load_model(model)), precision)  # the accelerator, as in training
     for path, text in zip(readable, run_transcribe(loaded, readable, batch_size, max_new_tokens), strict=True):
         typer.echo(f"{path}\t{text}")
     if len(readable) < len(audio):
         raise typer.Exit(EXIT_FAILED)
+
+
+@app.command(name="download-model")
+def download_model(params: Path = PARAMS_OPTION) -> None:
+    """Put model.pretrained (at model.revision) and its LLM's tokenizer/config in the Hugging Face cache (HF_HOME),
+    so no GPU stage waits on a download; offline (HF_HUB_OFFLINE=1) only checks they are cached.
+
+    Nothing to do for the tiny and compose presets.
+    """
+    from medasr.release import download
+
+    p = _params(params)
+    _one_line_errors(lambda: download(p.model.preset, p.model.pretrained, p.model.revision))
 
 
 @app.command()
