@@ -11,10 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 from medasr import StageError
 from medasr.device import Precision, resolve_precision
+from medasr.log import get_logger
 from medasr.model import PROMPT, load_released, load_salm, merge_released_lora, trained_state
 from medasr.params import LoraParams
 from medasr.paths import MEDASR_META, TRAINED_WEIGHTS
 from medasr.release import LLM_BACKBONE_DIR, WEIGHTS
+
+log = get_logger(__name__)
 
 if TYPE_CHECKING:
     from nemo.collections.speechlm2.models import SALM
@@ -111,12 +114,15 @@ def untrained_adapter(folder: Path) -> None:
 
 def model_precision(folder: Path) -> Precision:
     """The precision an exported model runs in: the one it was trained in (medasr.json `precision`), or this
-    machine's default for folders exported before that was recorded. One line, before any model is loaded, when
-    `folder` is not a model folder or this machine cannot run that precision."""
+    machine's default for folders exported before that was recorded. A bf16 model on a CPU where torch has no bf16
+    runs in fp32 (upcasting loses nothing), with a warning. One line, before any model is loaded, when `folder` is
+    not a model folder."""
+    trained = read_meta(folder).get("precision", "auto")
     try:
-        return resolve_precision(read_meta(folder).get("precision", "auto"))
+        return resolve_precision(trained)
     except StageError as exc:
-        raise StageError(f"{Path(folder) / MEDASR_META} precision: {exc}") from None
+        log.warning("%s was trained in %s: %s; running it in fp32", folder, trained, exc)
+        return "32"
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:

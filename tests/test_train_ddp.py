@@ -206,3 +206,37 @@ def test_a_device_count_this_machine_lacks_is_one_line_and_touches_nothing(tmp_p
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "train.devices=4096" in proc.stderr
     assert sorted(p.name for p in ws.iterdir()) == ["params.yaml"]
+
+
+class _WorkerSignals:
+    """A dataset whose items say how a worker treats SIGTERM: ignored, and whether it was blocked from its fork."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> tuple[int, bool, bool]:
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        return i, signal.getsignal(signal.SIGTERM) == signal.SIG_IGN, signal.SIGTERM in mask
+
+
+@pytest.mark.e2e
+def test_data_workers_survive_a_stop_signal_sent_to_the_group_even_as_they_start():
+    """A group SIGTERM reaches the data workers too: they ignore it, and one that arrives between a worker's fork
+    and its own setup (torch's handler there dies of a SIGTERM not sent by its parent) stays blocked until ignored."""
+    from torch.utils.data import DataLoader
+
+    from stages.train.data import shielded
+
+    loader = shielded(DataLoader(_WorkerSignals(), batch_size=None, num_workers=2))
+    received: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        batches = iter(loader)
+        for worker in batches._workers:  # what a signal to the stage's process group does to each worker
+            os.kill(worker.pid, signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # and to the training process, whose handler still gets it
+        items = sorted((int(i), bool(ignored), bool(blocked)) for i, ignored, blocked in batches)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert items == [(i, True, True) for i in range(4)]
+    assert received == [signal.SIGTERM]

@@ -67,8 +67,8 @@ def rng_state() -> dict[str, Any]:
     import numpy as np
 
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this rank's own device: another rank or a restart may see other GPUs
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -79,7 +79,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 @contextmanager
@@ -148,6 +148,9 @@ class TrainingCallback(Callback):
         # Lightning installs its own SIGTERM handler when fit starts, which ends the run at the end of a step with
         # exit status 0 and no checkpoint, on that rank alone (the others then wait forever): this stage's decides
         signal.signal(signal.SIGTERM, self.stop.handle)
+        # a SIGTERM between fit's start and now went through Lightning's handler too (it wraps ours, so `stop` has
+        # it): its flag would end the first step with exit status 0 and no model; ours checkpoints, then exits 143
+        trainer._signal_connector.received_sigterm = False
         # each rank chose its checkpoint itself (rank 0 hands its choice over, but another launcher may not)
         first = trainer.strategy.broadcast(trainer.global_step, src=0)
         if not trainer.strategy.reduce_boolean_decision(first == trainer.global_step, all=True):
@@ -209,8 +212,12 @@ class TrainingCallback(Callback):
                     "stop grace time (%ss) ran out before the last checkpoint was mirrored", self.train.stop_grace_s
                 )
             signum = self.stop.signal or signal.SIGTERM  # this rank may stop on another rank's signal
+            # Every rank waits until rank 0 has written and mirrored the checkpoint: Lightning's launcher kills
+            # rank 0 the moment another rank exits non-zero, so the other ranks leave quietly after it (DVC and
+            # runpod.sh read rank 0's status).
+            trainer.strategy.barrier("stopped")
             log.warning("stopped at step %d on signal %d; rerun to resume", step, signum)
-            raise TrainingInterrupted(128 + signum)
+            raise TrainingInterrupted(128 + signum if trainer.is_global_zero else 0)
 
     def save(self, trainer, step: int) -> None:
         if step == self.last_saved:

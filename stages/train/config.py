@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from medasr import StageError
 from medasr.audio import TARGET_SAMPLE_RATE
 from medasr.device import resolve_precision
 from medasr.inference import FRAMES_PER_SECOND
@@ -115,12 +116,21 @@ def prepare_model(model: Any, train: TrainParams, gpu: bool) -> int:
     return trainable
 
 
-def process_rank(world_size: int) -> int:
+def node_count(devices: int) -> int:
+    """Nodes taking part: WORLD_SIZE (all ranks, set by torchrun, or by the user on several nodes as the README
+    says) over this node's `devices`; 1 when it is unset."""
+    world = int(os.environ.get("WORLD_SIZE", devices))
+    if world < devices or world % devices:
+        raise StageError(f"WORLD_SIZE={world} is not a multiple of train.devices={devices} (ranks per node)")
+    return world // devices
+
+
+def process_rank(devices: int) -> int:
     """This process's global rank, known before any Trainer exists: torchrun sets RANK; Lightning's launcher
     starts rank 0 with none of these set and the other ranks with LOCAL_RANK (and NODE_RANK on several nodes)."""
     if "RANK" in os.environ:
         return int(os.environ["RANK"])
-    return int(os.environ.get("NODE_RANK", 0)) * world_size + int(os.environ.get("LOCAL_RANK", 0))
+    return int(os.environ.get("NODE_RANK", 0)) * devices + int(os.environ.get("LOCAL_RANK", 0))
 
 
 def precision_plugin(train: TrainParams, gpu: bool) -> Any:
@@ -142,7 +152,9 @@ def precision_plugin(train: TrainParams, gpu: bool) -> Any:
     return Bf16WithFp32Audio("bf16-true")
 
 
-def make_trainer(train: TrainParams, gpu: bool, world_size: int, callbacks: list[Any], trackers: Any) -> Any:
+def make_trainer(
+    train: TrainParams, gpu: bool, devices: int, callbacks: list[Any], trackers: Any, num_nodes: int = 1
+) -> Any:
     """The Lightning Trainer: bf16 on GPUs, fp32 on CPU; `world_size` > 1 is DDP (NCCL on GPUs, gloo on CPU),
     whose ranks Lightning's launcher starts by re-running this command (plain Popen: they stay in its process
     group, so a signal to the group reaches every rank)."""
@@ -150,13 +162,14 @@ def make_trainer(train: TrainParams, gpu: bool, world_size: int, callbacks: list
     from lightning.pytorch.strategies import DDPStrategy
 
     strategy: Any = "auto"
-    if world_size > 1:
+    if devices * num_nodes > 1:
         # find_unused_parameters as upstream NeMo: a frozen or skipped branch leaves parameters without gradients
         strategy = DDPStrategy(process_group_backend="nccl" if gpu else "gloo", find_unused_parameters=True)
     return Trainer(
         max_steps=train.max_steps,
         accelerator="gpu" if gpu else "cpu",
-        devices=world_size,
+        devices=devices,
+        num_nodes=num_nodes,
         strategy=strategy,
         plugins=[precision_plugin(train, gpu)],
         gradient_clip_val=train.grad_clip or None,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +46,21 @@ def fast_forward(sampler: Any, batches: int) -> None:
     sampler._just_restored_state = True
 
 
+@contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """SIGTERM/SIGINT held back in this thread while it forks data workers: a forked process inherits the mask, so
+    a stop signal that reaches a worker before it ignores them (`_worker_init`) stays pending and is then dropped.
+    Other threads of the training process still take the signal for its handler: nothing is lost."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 def _worker_init(inner: Any, worker_id: int) -> None:
-    # SIGTERM/SIGINT sent to the stage's process group are the training process's to act on (checkpoint, then
-    # stop its workers itself); torch's workers would die of them, and the training with them
+    # torch's worker handler dies of a SIGTERM that does not come from its parent; the stage's stop signals are the
+    # training process's to act on (checkpoint, then stop its workers itself)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if inner is not None:
@@ -54,11 +68,19 @@ def _worker_init(inner: Any, worker_id: int) -> None:
 
 
 def shielded(loader: Any) -> Any:
-    """`loader` with its worker processes deaf to stop signals (they stay in the process group, so SIGKILL of the
-    group still ends them)."""
+    """`loader` whose worker processes never die of the stop signals sent to the stage's process group: a worker
+    that died would fail the step or the save. They stay in the group, so SIGKILL still ends them."""
     source = getattr(loader, "_source", loader)  # NeMo's BroadcastingDataLoader wraps a torch DataLoader
-    if source is not None and getattr(source, "num_workers", None):
+    workers = getattr(source, "num_workers", None)  # None: not a torch DataLoader
+    if workers and "_get_iterator" not in vars(source):
         source.worker_init_fn = functools.partial(_worker_init, source.worker_init_fn)
+        start = source._get_iterator  # what DataLoader.__iter__ calls: the iterator it makes forks the workers
+
+        def start_shielded() -> Any:
+            with stop_signals_blocked():
+                return start()
+
+        source._get_iterator = start_shielded
     return loader
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -55,7 +56,7 @@ from stages.train.checkpoints import (
     resume_point,
     set_aside,
 )
-from stages.train.config import make_trainer, prepare_model, process_rank
+from stages.train.config import make_trainer, node_count, prepare_model, process_rank
 
 log = get_logger(__name__)
 
@@ -93,8 +94,9 @@ def run(
     from medasr.device import resolve_devices, resolve_precision
 
     gpu = torch.cuda.is_available()
-    world_size, precision = resolve_devices(train.devices, gpu), resolve_precision(train.precision, gpu)
-    rank = process_rank(world_size)
+    devices, precision = resolve_devices(train.devices, gpu), resolve_precision(train.precision, gpu)
+    nodes = node_count(devices)
+    world_size, rank = devices * nodes, process_rank(devices)
     train_rows, val_rows = _read_split(manifest_dir, "train"), _read_split(manifest_dir, "val")
     if not train_rows:
         raise StageError(f"{split_manifest('train', manifest_dir)} is missing or empty: nothing to train on")
@@ -107,7 +109,7 @@ def run(
     # Lightning and NeMo load only now (10+ s): the checks above cost next to nothing
     from lightning import seed_everything
 
-    from stages.train.callback import StopRequest, TrainingCallback, ValSet, stop_on_signals
+    from stages.train.callback import StopRequest, TrainingCallback, TrainingInterrupted, ValSet, stop_on_signals
     from stages.train.data import make_datamodule
 
     started = time.time()
@@ -147,11 +149,20 @@ def run(
         trackers, wandb_run = loggers(
             model_p.preset, lora.rank, run_config, run_dir, fp, resume.step if resume else None
         )
-    trainer = make_trainer(train, gpu, world_size, [callback], trackers)
+    trainer = make_trainer(train, gpu, devices, [callback], trackers, nodes)
     if resume and resume.step >= train.max_steps:
         log.info("checkpoint at step %d already reaches max_steps=%d: exporting it", resume.step, train.max_steps)
     with stop_on_signals(stop):
-        trainer.fit(model, datamodule, ckpt_path=str(resume.path / CHECKPOINT_STATE) if resume else None)
+        try:
+            trainer.fit(model, datamodule, ckpt_path=str(resume.path / CHECKPOINT_STATE) if resume else None)
+        except BaseException as exc:
+            # rank 0 failing alone (out of memory in validation, a full disk) would leave the other ranks waiting
+            # in a collective, holding their GPUs, until the process group times out (30 min)
+            if world_size > 1 and rank == 0 and not isinstance(exc, TrainingInterrupted):
+                kill = getattr(getattr(trainer.strategy, "launcher", None), "kill", None)
+                if kill is not None:
+                    kill(signal.SIGKILL)
+            raise
     if rank != 0:
         shutil.rmtree(work_dir, ignore_errors=True)
         return {}
