@@ -291,3 +291,34 @@ def hf_cache_repo(hub_cache: Path, repo: str, commit: str, files: dict[str, byte
     (repo_dir / "trees").mkdir(exist_ok=True)
     (repo_dir / "trees" / f"{commit}.json").write_text(json.dumps({"format_version": 1, "files": listing}, indent=1))
     return snapshot
+
+
+def train_in(tmp: Path, manifests: Path, p: Params) -> dict[str, Any]:
+    """The train stage in-process, writing everything under `tmp` and never into the developer's DVC remote."""
+    from stages.train.run import run as train
+
+    return train(
+        p.model,
+        p.lora,
+        p.train,
+        manifest_dir=manifests,
+        ckpt_root=tmp / "ckpt",
+        model_dir=tmp / "model",
+        metrics_file=tmp / "train.json",
+        curves_dir=tmp / "curves",
+        mirror_checkpoints=False,  # never into whatever remote the developer's checkout has
+    )
+
+
+def assert_same_training_state(a: dict[str, Any], b: dict[str, Any]) -> None:
+    """Two Lightning checkpoints hold exactly the same trained tensors and AdamW state."""
+    import torch
+
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for name in a["state_dict"]:
+        assert torch.equal(a["state_dict"][name], b["state_dict"][name]), name
+    opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert opt_a.keys() == opt_b.keys()
+    for index in opt_a:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt_a[index][key], opt_b[index][key]), (index, key)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from helpers import committed_params_text, hf_cache_repo, tiny_params
+from helpers import committed_params_text, hf_cache_repo, tiny_params, train_in
 
 # The adapter canary-qwen-2.5b ships inside its checkpoint (its config.json's `lora` block): the loader must merge it.
 RELEASED_LORA = {
@@ -186,22 +186,11 @@ def test_trainable_llm_trains_its_base_weights_and_the_export_is_pinned(release,
     from medasr.export import export, load_model
     from medasr.model import apply_freeze, base_model, build_model
     from stages.cli import app
-    from stages.train.run import run
 
     offline(monkeypatch, release.hf_home)
     p = canary_params(**{"model.trainable": ["encoder", "projection", "llm"], "train.max_steps": 3})
     default = canary_params()
-    metrics = run(
-        p.model,
-        p.lora,
-        p.train,
-        manifest_dir=demo_manifests,
-        ckpt_root=tmp_path / "ckpt",
-        model_dir=tmp_path / "model",
-        metrics_file=tmp_path / "train.json",
-        curves_dir=tmp_path / "curves",
-        mirror_checkpoints=False,  # never into whatever remote the developer's checkout has
-    )
+    metrics = train_in(tmp_path, demo_manifests, p)
     base = base_model(default.model, default.lora, default.train.seed)
     llm_base = {
         n: prm for n, prm in base.named_parameters() if n.startswith(("llm.", "embed_tokens")) and ".lora_" not in n
@@ -310,7 +299,6 @@ def test_compose_preset_trains_a_local_nemo_encoder_with_a_local_hf_llm(tmp_path
     from transformers import AutoModelForCausalLM
 
     from medasr.export import load_model
-    from stages.train.run import run
 
     nemo = tiny_asr_nemo(tmp_path / "asr.nemo")
     llm_dir = tiny_hf_llm(tmp_path / "llm")
@@ -322,17 +310,7 @@ def test_compose_preset_trains_a_local_nemo_encoder_with_a_local_hf_llm(tmp_path
             "train.max_steps": 4,
         }
     )
-    metrics = run(
-        p.model,
-        p.lora,
-        p.train,
-        manifest_dir=demo_manifests,
-        ckpt_root=tmp_path / "ckpt",
-        model_dir=tmp_path / "model",
-        metrics_file=tmp_path / "train.json",
-        curves_dir=tmp_path / "curves",
-        mirror_checkpoints=False,  # never into whatever remote the developer's checkout has
-    )
+    metrics = train_in(tmp_path, demo_manifests, p)
     model = load_model(tmp_path / "model")
 
     assert metrics["global_step"] == 4

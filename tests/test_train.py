@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import run_env, tiny_params
+from helpers import assert_same_training_state, run_env, tiny_params, train_in
 
 from medasr import StageError
 from medasr.paths import CHECKPOINT_STATE as STATE
@@ -34,22 +34,6 @@ def trained(tmp_path_factory, demo_manifests) -> Path:
     metrics = train_in(root, demo_manifests, tiny_params(**{"train.max_steps": 8, "train.keep_checkpoints": 3}))
     assert metrics["global_step"] == 8 and metrics["resume_source"] == "none"
     return root
-
-
-def train_in(tmp: Path, manifests: Path, p) -> dict:
-    from stages.train.run import run
-
-    return run(
-        p.model,
-        p.lora,
-        p.train,
-        manifest_dir=manifests,
-        ckpt_root=tmp / "ckpt",
-        model_dir=tmp / "model",
-        metrics_file=tmp / "train.json",
-        curves_dir=tmp / "curves",
-        mirror_checkpoints=False,  # never into whatever remote the developer's checkout has
-    )
 
 
 def teacher_forced_loss(model, manifests: Path) -> float:
@@ -271,14 +255,7 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, d
             assert SECRET.encode() not in path.read_bytes(), path
 
     a, b = _final_state(straight), _final_state(killed)
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for name in a["state_dict"]:
-        assert torch.equal(a["state_dict"][name], b["state_dict"][name]), name
-    opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
-    assert opt_a.keys() == opt_b.keys()
-    for index in opt_a:
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(opt_a[index][key], opt_b[index][key]), (index, key)
+    assert_same_training_state(a, b)
     assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == 30
 
 

@@ -23,7 +23,7 @@ import psutil
 import pytest
 import torch
 import yaml
-from helpers import run_env, tiny_params
+from helpers import assert_same_training_state, run_env, tiny_params
 
 from medasr.paths import CHECKPOINT_STATE
 
@@ -181,14 +181,7 @@ def test_group_sigkill_and_sigterm_then_reruns_resume_and_match_the_uninterrupte
     assert metrics["global_step"] == STEPS
 
     a, b = _final(runs.straight), _final(runs.killed)
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for name in a["state_dict"]:
-        assert torch.equal(a["state_dict"][name], b["state_dict"][name]), name
-    opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
-    assert opt_a.keys() == opt_b.keys()
-    for index in opt_a:
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(opt_a[index][key], opt_b[index][key]), (index, key)
+    assert_same_training_state(a, b)
     # each rank's RNG state travels in the checkpoint, and both ranks ended in the same state as uninterrupted
     rng_a, rng_b = a["medasr"]["rng"], b["medasr"]["rng"]
     assert len(rng_a) == len(rng_b) == 2
