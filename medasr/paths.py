@@ -84,6 +84,11 @@ def aside_of(name: str) -> str | None:
 REMOTE_CHECKPOINTS = "medasr-checkpoints"  # <remote>/medasr-checkpoints/<fingerprint>/step-NNNNNNNN/
 REMOTE_STATUS = "medasr-status"  # <remote>/medasr-status/<run id>/status.json
 STATUS_FILE = "status.json"
+# One lease per remote: the pod whose runpod.sh may run the pipeline against it (<remote>/medasr-status/lease.json).
+LEASE_FILE = "lease.json"
 
 # --- this machine ----------------------------------------------------------------------------------------------------
 POD_STATE = Path(".medasr/pod.json")  # git-ignored: which pod this checkout launched, and what it has cost
+# runpod.sh sets this variable to a file in its logs folder; a stage command writes its pid there while it runs, so
+# a stop signal reaches the stage process itself (which stops its own workers and ranks), not everything below dvc.
+STAGE_PIDFILE_ENV = "MEDASR_STAGE_PIDFILE"

@@ -23,6 +23,7 @@ from typing import Any
 from medasr import MedasrError
 from medasr.files import write_json_atomic
 from medasr.log import get_logger
+from medasr.ops.pod_start import START_SCRIPT
 from medasr.paths import POD_STATE
 from medasr.secrets import FORWARDED_SECRETS, REDACTED, SECRETS, redact_url
 
@@ -49,11 +50,6 @@ FORWARDED_ENV = (
     "MEDASR_HUNG_AFTER_S",
     "MEDASR_ON_SUCCESS",
     "MEDASR_GIT_PUSH",
-)
-# The start command: the repo lives on the volume (a restarted pod continues the same checkout), then the loop.
-START_SCRIPT = (
-    'set -e; mkdir -p /workspace; cd /workspace; [ -d medasr/.git ] || { git clone -q "$MEDASR_REPO_URL" medasr; '
-    'git -C medasr checkout -q "$MEDASR_GIT_REF"; }; cd medasr; exec bash runpod.sh'
 )
 
 
