@@ -16,6 +16,7 @@ SECRETS = (
     "AWS_SESSION_TOKEN",
     "HF_TOKEN",
     "RUNPOD_API_KEY",
+    "MEDASR_GIT_TOKEN",  # the pod's git token (a private repo's clone, MEDASR_GIT_PUSH): see medasr/ops/pod_start.py
 )
 FORWARDED_SECRETS = tuple(name for name in SECRETS if name != "RUNPOD_API_KEY")
 REDACTED = "<redacted>"
@@ -24,7 +25,8 @@ REDACTED = "<redacted>"
 def redact_url(url: str) -> str:
     """The URL without any user:password@ (a git token, an S3 key), as it may be shown or stored."""
     parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=parts.hostname or "")) if parts.username or parts.password else url
+    # host[:port] as written: `hostname` would drop the port of a self-hosted git server
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])) if "@" in parts.netloc else url
 
 
 def one_line(exc: BaseException) -> str:
