@@ -3,7 +3,9 @@
 Reads `fetch.*` from params.yaml. The layout is inferred from `fetch.dataset` (medasr/sources/: hub id, local
 parquet, audiofolder, NeMo manifest, OSCE segment list, PriMock57-style TextGrid folder; `fetch.hub_download:
 snapshot` reads a hub repo's files as one of the local layouts). Audio is kept as its original encoded bytes, never
-decoded here. Output: `data/raw/part-NNNNN.parquet` (medasr/raw.py) and `data/raw/source.json` (provenance, counts).
+decoded here. A file a row names is read only when its path is relative, has no `..` and stays inside the dataset
+folder, links followed; other rows are counted as `path_outside_dataset`, and a source with no readable row fails.
+Output: `data/raw/part-NNNNN.parquet` (medasr/raw.py) and `data/raw/source.json` (provenance, counts).
 The testsets stage reads each test set the same way (`medasr.sources.fetch_to`).
 """
 

@@ -8,7 +8,8 @@ source id, or same group, i.e. speaker/recording) is dropped as `overlaps_traini
 training source by mistake cannot report a flattering number.
 
 Writes `data/testsets/<name>/{manifest.json,audio/,dropped.jsonl,source.json}` and the DVC metric
-`metrics/testsets.json` (rows in, kept, hours and drops per set). An empty `eval.test_sets` writes an empty folder.
+`metrics/testsets.json` (rows in, kept, hours and drops per set, and the rows its source skipped, e.g. paths leading
+out of the dataset folder). An empty `eval.test_sets` writes an empty folder.
 """
 
 from __future__ import annotations
@@ -104,11 +105,18 @@ def prepare(
         "dropped": {r: reasons.get(r, 0) for r in TEST_DROP_REASONS},
         "resampled": repairs["resampled"],
         "downmixed": repairs["downmixed"],
+        "skipped_at_source": source["skipped"],  # rows fetch could not make (bad lines, paths out of the folder)
     }
     if not kept:
         raise StageError(f"eval.test_sets[{ts.name}]: no usable utterance out of {rows_in} rows (dropped: {bad})")
     log.info(
-        "test set %s: %d of %d rows (%.2f h); dropped %s", ts.name, len(kept), rows_in, summary["hours"], bad or "none"
+        "test set %s: %d of %d rows (%.2f h); dropped %s; skipped at source %s",
+        ts.name,
+        len(kept),
+        rows_in,
+        summary["hours"],
+        bad or "none",
+        source["skipped"] or "none",
     )
     return summary
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import DEMO_DATA, wav, write_audio_parquet
+from helpers import DEMO_DATA, GOOD_TEXT, SOURCE_KINDS, files_holding, traversal_dataset, wav, write_audio_parquet
 
 from medasr import sources
 from medasr.params import FetchParams
@@ -357,7 +357,10 @@ def test_hub_snapshot_of_the_osce_repo_is_unpacked_once_and_read_as_a_segment_li
         commit,
         {
             "audio.tar.gz": archive.getvalue(),
-            "medical_train.info": b"audio/RES0001.mp3[0.5,2.0]\tDO YOU HAVE A COUGH\n",
+            # a file outside the archive: unpacked as a link into the HF cache, which the path guard must follow
+            "audio/GAS0002.mp3": audio_bytes(tone(3.0, freq=300.0), fmt="MP3"),
+            "medical_train.info": b"audio/RES0001.mp3[0.5,2.0]\tDO YOU HAVE A COUGH\n"
+            b"audio/GAS0002.mp3[1,2]\tANY PAIN\n",
             "README.md": b"# medical\n",
         },
     )
@@ -379,10 +382,14 @@ def test_hub_snapshot_of_the_osce_repo_is_unpacked_once_and_read_as_a_segment_li
     assert proc.returncode == 0, proc.stderr
     assert "unpacked yfyeung/medical@" + commit in proc.stderr
     rows = raw_rows(tmp_path / "data" / "raw")
-    assert [(r["source_id"], r["text"]) for r in rows] == [("RES0001-00000500-00002000", "DO YOU HAVE A COUGH")]
+    assert [(r["source_id"], r["text"]) for r in rows] == [
+        ("RES0001-00000500-00002000", "DO YOU HAVE A COUGH"),
+        ("GAS0002-00001000-00002000", "ANY PAIN"),
+    ]
     assert sf.info(io.BytesIO(rows[0]["audio"])).duration == pytest.approx(1.5, abs=0.01)
+    assert sf.info(io.BytesIO(rows[1]["audio"])).duration == pytest.approx(1.0, abs=0.01)
     source = json.loads((tmp_path / "data" / "raw" / "source.json").read_text())
-    assert source["kind"] == "segment_list" and source["revision"] == commit
+    assert source["kind"] == "segment_list" and source["revision"] == commit and source["skipped"] == {}
 
     again = fetch_cli()  # the unpacked copy is reused, not extracted again
     assert (
@@ -418,3 +425,140 @@ def test_textgrid_point_tiers_are_ignored_and_several_interval_tiers_named(tmp_p
         ("visit-Doctor-00000500-00001500", "Any pain?"),
         ("visit-Patient-00002000-00003000", "A little."),
     ]
+
+
+def test_dataset_file_keeps_every_path_inside_the_dataset_folder(tmp_path):
+    """The one guard every source kind uses before it reads a file a row names."""
+    from medasr.sources.base import OutsideDataset, dataset_file
+
+    root, elsewhere = tmp_path / "ds", tmp_path / "elsewhere"
+    (root / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    (root / "sub" / "a.wav").write_bytes(b"a")
+    (elsewhere / "secret").write_bytes(b"s")
+    (root / "inside.wav").symlink_to(root / "sub" / "a.wav")
+    (root / "out.wav").symlink_to(elsewhere / "secret")
+    (root / "outdir").symlink_to(elsewhere)
+    (root / "loop.wav").symlink_to(root / "loop.wav")
+    assert dataset_file("sub/a.wav", root) == root / "sub" / "a.wav"
+    assert dataset_file("inside.wav", root) == root / "inside.wav"  # a link that stays inside is fine
+    assert dataset_file("sub/missing.wav", root) == root / "sub" / "missing.wav"  # missing: subset counts it
+    refused = {
+        "/proc/self/environ": "absolute path",
+        str(root / "sub" / "a.wav"): "absolute path",  # even inside: the rule is simple to state and to check
+        "../elsewhere/secret": "climbs out with `..`",
+        "sub/../sub/a.wav": "climbs out with `..`",
+        "out.wav": "link leading outside",
+        "outdir/secret": "link leading outside",
+        "loop.wav": "cannot be resolved",
+        "a\0.wav": "cannot be resolved",
+    }
+    for name, why in refused.items():
+        with pytest.raises(OutsideDataset, match=why):
+            dataset_file(name, root)
+    assert dataset_file("out.wav", root, links_to=(elsewhere,)) == root / "out.wav"
+    linked_root = tmp_path / "linked"
+    linked_root.symlink_to(root)  # fetch.dataset may itself be a link to the real folder
+    assert dataset_file("sub/a.wav", linked_root) == linked_root / "sub" / "a.wav"
+
+
+def test_only_a_hub_snapshot_may_link_out_and_only_into_its_own_repos_blobs(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from medasr.sources.base import link_roots, unpacked_dir
+
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    unpacked = unpacked_dir() / "yfyeung--medical" / ("0" * 40)
+    unpacked.mkdir(parents=True)
+    assert link_roots(unpacked) == (tmp_path / "hf" / "hub" / "datasets--yfyeung--medical" / "blobs",)
+    assert link_roots(unpacked.parent) == link_roots(tmp_path) == ()
+
+
+@pytest.mark.parametrize("kind", SOURCE_KINDS)
+def test_paths_out_of_the_dataset_folder_are_refused_counted_and_never_read(tmp_path, committed_params, kind):
+    """Issue 14 item 11: `file_name: /proc/self/environ` put AWS_SECRET_ACCESS_KEY into data/raw (then the DVC cache
+    and remote). `medasr fetch` as DVC runs it, with a planted secret in its environment and in a file beside the
+    dataset: the three rows leading out are skipped and counted, the good one is read, and no output holds the
+    secret."""
+    import subprocess
+    import sys
+    import uuid
+
+    import yaml
+
+    secret = f"planted-{uuid.uuid4().hex}"
+    dataset = traversal_dataset(kind, tmp_path, secret)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    committed_params["fetch"] |= {"dataset": str(dataset), "split": "train", "text_column": "text"}
+    (repo / "params.yaml").write_text(yaml.safe_dump(committed_params))
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "COLUMNS": "300", "AWS_SECRET_ACCESS_KEY": secret}
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.cli", "fetch"], cwd=repo, env=env, capture_output=True, text=True, timeout=300
+    )
+
+    assert proc.returncode == 0, proc.stderr
+    assert files_holding(repo, secret) == []
+    source = json.loads((repo / "data" / "raw" / "source.json").read_text())
+    assert source["kind"] == kind and source["skipped"] == {"path_outside_dataset": 3}
+    assert [r["text"] for r in raw_rows(repo / "data" / "raw")] == [GOOD_TEXT]
+    assert "skipped {'path_outside_dataset': 3}" in proc.stderr and "skipped, not read" in proc.stderr
+
+
+def test_a_source_of_nothing_but_paths_out_of_its_folder_fails_in_one_line(tmp_path):
+    manifest = tmp_path / "corpus" / "manifest.json"
+    manifest.parent.mkdir()
+    manifest.write_text(
+        "".join(json.dumps({"audio_filepath": n, "text": "t"}) + "\n" for n in ("/etc/hostname", "../x"))
+    )
+    out = tmp_path / "raw"
+    out.mkdir()
+    (out / "part-00000.parquet").write_bytes(b"previous output")
+    with pytest.raises(FetchError, match=r"no row could be read, every one skipped: \{'path_outside_dataset': 2\}"):
+        fetch.run(params(manifest), out_dir=out)
+    assert (out / "part-00000.parquet").read_bytes() == b"previous output"
+
+
+def test_a_hub_row_without_audio_bytes_is_never_read_from_disk(tmp_path, monkeypatch):
+    """A hub dataset has no local folder: a cell naming a path instead of carrying bytes (`.env` in the working
+    directory, an absolute file) is counted, not followed."""
+    from collections import Counter
+
+    import datasets
+
+    from medasr.sources import hub
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("AWS_SECRET_ACCESS_KEY=planted\n")
+    features = datasets.Features(
+        {
+            "audio": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")},
+            "text": datasets.Value("string"),
+        }
+    )
+    cells = [
+        {"bytes": wav(0.5), "path": "a.wav"},
+        {"bytes": None, "path": ".env"},
+        {"bytes": None, "path": "/etc/hostname"},
+    ]
+    ds = datasets.Dataset.from_list([{"audio": c, "text": f"t{i}"} for i, c in enumerate(cells)], features=features)
+    skipped: Counter = Counter()
+    rows = list(hub._rows(ds, "dataset 'someone/x'", params("someone/x"), skipped, None))
+    assert [(r["row"], r["audio"]) for r in rows] == [(0, wav(0.5))] and skipped == {"path_outside_dataset": 2}
+
+
+@pytest.mark.parametrize(
+    ("kind", "own_file"),
+    [("audiofolder", "metadata.jsonl"), ("segment_list", "medical_train.info"), ("parquet", "sub/rows.parquet")],
+)
+def test_a_layouts_own_file_linked_out_of_the_folder_fails_the_source(tmp_path, kind, own_file):
+    """A cloned dataset (git keeps symlinks) whose metadata is a link to a file elsewhere on the machine."""
+    traversal_dataset(kind, tmp_path / "elsewhere", "s")  # a real dataset of that kind, outside the one fetched
+    real = next((tmp_path / "elsewhere" / "corpus").glob(Path(own_file).name))
+    corpus = tmp_path / "corpus"
+    (corpus / own_file).parent.mkdir(parents=True)
+    (corpus / own_file).symlink_to(real)
+    with pytest.raises(FetchError, match=rf"'{own_file}' is a link leading outside .*must stay inside its folder"):
+        fetch.run(params(corpus), out_dir=tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,16 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import yaml
-from helpers import DEMO_DATA, REPO, committed_params_text, tiny_params, tone
+from helpers import (
+    DEMO_DATA,
+    GOOD_TEXT,
+    REPO,
+    committed_params_text,
+    files_holding,
+    tiny_params,
+    tone,
+    traversal_dataset,
+)
 
 from medasr import StageError
 from medasr.files import read_jsonl
@@ -55,7 +65,10 @@ def test_clips_also_in_training_are_dropped_and_counted(tmp_path, demo_manifests
         demo = list(csv.DictReader(f))
     mixed = tmp_path / "mixed"
     mixed.mkdir()
-    lines = [{"audio_filepath": str(DEMO_DATA / r["file_name"]), "text": r["text"]} for r in demo[:2]]
+    lines = []
+    for i, r in enumerate(demo[:2]):  # copied in: a manifest names only files inside its own folder
+        shutil.copy(DEMO_DATA / r["file_name"], mixed / f"train{i}.wav")
+        lines.append({"audio_filepath": f"train{i}.wav", "text": r["text"]})
     for i in range(2):
         sf.write(mixed / f"new{i}.wav", tone(1.5, freq=300.0 + 50 * i), 16_000)
         lines.append({"audio_filepath": f"new{i}.wav", "text": f"a new sentence number {i}"})
@@ -118,3 +131,43 @@ def test_eval_names_a_missing_test_set_before_loading_a_model(tmp_path, demo_man
         eval_stage.run(
             p.eval, p.model, p.lora, p.train.seed, demo_manifests, tmp_path / "testsets", tmp_path / "no-model"
         )
+
+
+def test_paths_out_of_a_test_sets_folder_are_refused_counted_and_never_read(tmp_path, demo_manifests):
+    """`medasr testsets` as DVC runs it, with a planted secret in its environment and beside the test set (a NeMo
+    manifest naming /proc/self/environ, ../secret.wav and a link out): the three rows are skipped, counted in the
+    set's source.json and metrics, and no output holds the secret. The fetch tests cover every other kind."""
+    import uuid
+
+    secret = f"planted-{uuid.uuid4().hex}"
+    manifest = traversal_dataset("nemo_manifest", tmp_path, secret)
+    repo = tmp_path / "repo"
+    shutil.copytree(demo_manifests.parent / "subset", repo / "data" / "subset")
+    data = yaml.safe_load(committed_params_text())
+    data["eval"]["test_sets"] = [{"name": "traversal", "dataset": str(manifest), "split": "train"}]
+    (repo / "params.yaml").write_text(yaml.safe_dump(data))
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "COLUMNS": "300", "AWS_SECRET_ACCESS_KEY": secret}
+    cmd = [sys.executable, "-m", "stages.cli", "testsets"]
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+
+    assert proc.returncode == 0, proc.stderr
+    assert files_holding(repo, secret) == []
+    summary = json.loads((repo / "metrics" / "testsets.json").read_text())["traversal"]
+    assert summary["kept"] == 1 and summary["skipped_at_source"] == {"path_outside_dataset": 3}
+    source = json.loads((repo / "data" / "testsets" / "traversal" / "source.json").read_text())
+    assert source["skipped"] == {"path_outside_dataset": 3}
+    assert "skipped at source {'path_outside_dataset': 3}" in proc.stderr
+    assert [r["text"] for r in read_jsonl(repo / "data" / "testsets" / "traversal" / "manifest.json")] == [GOOD_TEXT]
+
+
+def test_a_test_set_of_nothing_but_paths_out_of_its_folder_fails_in_one_line(tmp_path, demo_manifests):
+    folder = tmp_path / "outside-only"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"audio_filepath": "/etc/hostname", "text": "t"}) + "\n")
+    with pytest.raises(StageError) as info:
+        prepare(tmp_path, demo_manifests, {"name": "bad", "dataset": str(folder / "manifest.json")})
+    assert str(info.value) == (
+        f"eval.test_sets[bad]: fetch.dataset '{folder / 'manifest.json'}': no row could be read, every one skipped: "
+        "{'path_outside_dataset': 1}"
+    )
+    assert not (tmp_path / "testsets").exists()

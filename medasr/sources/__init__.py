@@ -3,7 +3,9 @@
 
 `resolve` infers the layout from `fetch.dataset`: a local `.parquet` file or folder, an audiofolder, a NeMo
 manifest, an OSCE segment list, a PriMock57-style TextGrid folder, or else a Hugging Face hub id. `fetch_to` reads
-one source whole into raw shards (medasr/raw.py) plus `source.json`, atomically.
+one source whole into raw shards (medasr/raw.py) plus `source.json`, atomically. Every file a row names goes through
+`base.dataset_file` first: a path that is absolute, has `..` or leads out of the dataset folder through a link is
+counted (`path_outside_dataset`) and never read.
 """
 
 from __future__ import annotations
@@ -97,6 +99,8 @@ def fetch_to(p: FetchParams, out_dir: Path) -> dict[str, Any]:
     with atomic_dir(out_dir) as tmp:
         # the cap stops every source lazily: nothing past it is read, parsed or counted as skipped
         count = write_shards(itertools.islice(rows, p.max_rows), tmp)
+        if not count and skipped:  # raised inside atomic_dir: the previous output stays as it was
+            raise FetchError(f"fetch.dataset {p.dataset!r}: no row could be read, every one skipped: {dict(skipped)}")
         info = {
             "dataset": p.dataset,
             "kind": source.kind,

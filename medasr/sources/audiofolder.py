@@ -10,7 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from medasr.params import FetchParams
-from medasr.sources.base import FetchError, audio_bytes, check_columns, column_row
+from medasr.sources.base import (
+    FetchError,
+    OutsideDataset,
+    audio_bytes,
+    check_columns,
+    column_row,
+    layout_file,
+    link_roots,
+    refuse,
+)
 
 METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
 
@@ -29,15 +38,22 @@ def metadata_file(folder: Path, split: str) -> Path:
 
 
 def read(location: str, p: FetchParams, skipped: Counter) -> Iterator[dict[str, Any]]:
-    """The audio column is the file named by `file_name`."""
+    """The audio column is the file named by `file_name`, relative to the metadata file and inside `location`."""
     import datasets
 
-    metadata = metadata_file(Path(location), p.split)
+    root = Path(location)
+    links_to = link_roots(root)
+    metadata = layout_file(metadata_file(root, p.split), root, links_to)
+    folder = metadata.parent.relative_to(root)
     builder = "csv" if metadata.suffix == ".csv" else "json"
     ds = datasets.load_dataset(builder, data_files=str(metadata), split="train")
     if "file_name" not in ds.column_names:
         raise FetchError(f"{metadata} has no file_name column; its columns are {sorted(ds.column_names)}")
     check_columns([*ds.column_names, p.audio_column], p, str(metadata))
     for index, item in enumerate(ds):
-        data, name = audio_bytes(str(item["file_name"]), base=metadata.parent)
+        try:
+            data, name = audio_bytes(str(folder / str(item["file_name"])), root, links_to)
+        except OutsideDataset as exc:
+            refuse(skipped, f"{metadata} row {index + 1}", exc)
+            continue
         yield column_row(index, item, data, name, p)

@@ -1,8 +1,10 @@
 """What every source reader shares: the source's kind and location, the row it yields (the raw shard schema, see
-medasr/raw.py), and the helpers that fill it (column checks, audio bytes from a cell or file, segment cutting)."""
+medasr/raw.py), and the helpers that fill it (column checks, the one guard on paths a dataset names, audio bytes from
+a cell or file, segment cutting)."""
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -13,7 +15,10 @@ import soundfile as sf
 
 from medasr import StageError
 from medasr.audio import encode_flac
+from medasr.log import get_logger
 from medasr.params import FetchParams
+
+log = get_logger(__name__)
 
 SourceKind = Literal["hub", "parquet", "audiofolder", "nemo_manifest", "segment_list", "textgrid"]
 
@@ -44,8 +49,83 @@ def check_columns(columns: list[str], p: FetchParams, where: str) -> None:
         raise FetchError(f"{where} has no column {', '.join(missing)}; its columns are {sorted(columns)}")
 
 
-def audio_bytes(value: Any, base: Path | None = None) -> tuple[bytes | None, str | None]:
-    """Encoded bytes and a display path from an Audio cell ({bytes, path} dict), raw bytes, or a file path."""
+# The skip reason of a row whose path leads outside its dataset folder (dataset_file): counted, never read.
+OUTSIDE_DATASET = "path_outside_dataset"
+
+
+class OutsideDataset(ValueError):
+    """A path a dataset names that would leave the dataset folder."""
+
+
+def dataset_file(name: str, root: Path, links_to: tuple[Path, ...] = ()) -> Path:
+    """`root / name`, the file a dataset row names, when reading it cannot leave the dataset folder `root`: `name`
+    is relative, has no `..` part and, every symlink followed, ends inside `root` (or inside one of `links_to`).
+    Else raises OutsideDataset: metadata naming `/proc/self/environ` or `../../.env` would copy secrets into
+    data/raw, and from there into the DVC cache and remote."""
+    path = Path(name)
+    if path.is_absolute():
+        raise OutsideDataset(f"{name!r} is an absolute path")
+    if ".." in path.parts:
+        raise OutsideDataset(f"{name!r} climbs out with `..`")
+    try:
+        real = (root / path).resolve()
+        allowed = [r.resolve() for r in (root, *links_to)]
+    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL byte
+        raise OutsideDataset(f"{name!r} cannot be resolved ({exc})") from None
+    if not any(real.is_relative_to(r) for r in allowed):
+        raise OutsideDataset(f"{name!r} is a link leading outside {root} (to {real})")
+    return root / path
+
+
+def refuse(skipped: Counter, where: str, exc: OutsideDataset) -> None:
+    """Count a row refused by dataset_file. A manifest of absolute paths would log every line: the first few say
+    why, source.json says how many."""
+    skipped[OUTSIDE_DATASET] += 1
+    level = logging.WARNING if skipped[OUTSIDE_DATASET] <= 5 else logging.DEBUG
+    log.log(level, "%s skipped, not read: %s (paths must be relative and stay inside the dataset folder)", where, exc)
+
+
+def safe_file(name: str, root: Path, links_to: tuple[Path, ...], skipped: Counter, where: str) -> Path | None:
+    """dataset_file, with a refused row counted (refuse) as None."""
+    try:
+        return dataset_file(name, root, links_to)
+    except OutsideDataset as exc:
+        refuse(skipped, where, exc)
+        return None
+
+
+def layout_file(file: Path, root: Path, links_to: tuple[Path, ...]) -> Path:
+    """A file the layout finds under `root` itself (metadata, segment list, parquet), held to dataset_file's rule: a
+    cloned dataset's `metadata.csv` may be a link to any file of the machine. Raises FetchError."""
+    try:
+        return dataset_file(str(file.relative_to(root)), root, links_to)
+    except OutsideDataset as exc:
+        raise FetchError(f"{root}: {exc}: a dataset's own files must stay inside its folder") from None
+
+
+def unpacked_dir() -> Path:
+    """Where hub.snapshot unpacks hub repos: `<this>/<owner>--<name>/<commit>/`."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME) / "medasr-unpacked"
+
+
+def link_roots(root: Path) -> tuple[Path, ...]:
+    """Where a symlink in the dataset folder `root` may lead besides `root`: hub.snapshot links each non-archive
+    file of a repo it unpacks to its blob in the HF cache on purpose (no second copy of GBs), so for such a folder
+    that one repo's blobs, and nothing else."""
+    from huggingface_hub import constants
+
+    real = root.resolve()
+    if real.parent.parent != unpacked_dir().resolve():
+        return ()
+    return (Path(constants.HF_HUB_CACHE) / f"datasets--{real.parent.name}" / "blobs",)
+
+
+def audio_bytes(value: Any, root: Path | None, links_to: tuple[Path, ...] = ()) -> tuple[bytes | None, str | None]:
+    """Encoded bytes and a display path from an Audio cell ({bytes, path} dict), raw bytes, or a file path. A path
+    is only followed inside the dataset folder `root` (dataset_file); a hub dataset has none (`root` None), so its
+    rows must carry their bytes. Raises OutsideDataset."""
     if isinstance(value, dict):
         data, path = value.get("bytes"), value.get("path")
     elif isinstance(value, bytes | bytearray):
@@ -55,7 +135,9 @@ def audio_bytes(value: Any, base: Path | None = None) -> tuple[bytes | None, str
     else:
         return None, None
     if data is None and path:
-        file = Path(path) if base is None or Path(path).is_absolute() else base / path
+        if root is None:
+            raise OutsideDataset(f"{path!r}: a hub row without audio bytes (its path is never followed)")
+        file = dataset_file(path, root, links_to)
         data = file.read_bytes() if file.is_file() else None
     return data, (Path(path).name if path else None)
 

@@ -1,5 +1,6 @@
-"""A NeMo manifest (`.json`/`.jsonl`, one JSON object per line): `audio_filepath` relative to the manifest, the
-text column, optional `offset` + `duration` segments of a longer file. Lines that are not rows are counted."""
+"""A NeMo manifest (`.json`/`.jsonl`, one JSON object per line): `audio_filepath` relative to the manifest and
+inside its folder, the text column, optional `offset` + `duration` segments of a longer file. Lines that are not
+rows, and paths that are absolute or lead out of the folder, are counted."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from typing import Any
 
 from medasr.log import get_logger
 from medasr.params import FetchParams
-from medasr.sources.base import check_columns, column_row, cut_segment
+from medasr.sources.base import check_columns, column_row, cut_segment, link_roots, safe_file
 
 log = get_logger(__name__)
 
 
 def read(location: str, p: FetchParams, skipped: Counter) -> Iterator[dict[str, Any]]:
     manifest = Path(location)
+    links_to = link_roots(manifest.parent)
     index = 0
     for line_no, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -32,8 +34,9 @@ def read(location: str, p: FetchParams, skipped: Counter) -> Iterator[dict[str, 
             continue
         if index == 0:
             check_columns([*item, p.audio_column], p, f"manifest {manifest}")  # audio key is always audio_filepath
-        file = Path(item["audio_filepath"])
-        file = file if file.is_absolute() else manifest.parent / file
+        file = safe_file(item["audio_filepath"], manifest.parent, links_to, skipped, f"{manifest}:{line_no}")
+        if file is None:
+            continue
         if "offset" in item and file.is_file():
             data: bytes | None = cut_segment(file, float(item["offset"]), item.get("duration"))
         else:

@@ -13,7 +13,7 @@ from typing import Any
 
 from medasr.log import get_logger
 from medasr.params import FetchParams
-from medasr.sources.base import FetchError, clip_id, cut_segment
+from medasr.sources.base import FetchError, clip_id, cut_segment, layout_file, link_roots, safe_file
 
 log = get_logger(__name__)
 
@@ -30,6 +30,8 @@ def read(location: str, p: FetchParams, skipped: Counter) -> Iterator[dict[str, 
     if not info.is_file():
         found = sorted(f.name for f in Path(location).glob("medical_*.info"))
         raise FetchError(f"{info} not found (fetch.split={p.split!r}); segment lists here: {found}")
+    links_to = link_roots(Path(location))
+    layout_file(info, Path(location), links_to)
     index = 0
     for line_no, line in enumerate(info.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -40,7 +42,9 @@ def read(location: str, p: FetchParams, skipped: Counter) -> Iterator[dict[str, 
             skipped["malformed_segment_line"] += 1
             log.warning("%s:%d skipped, not `path[start,end]<TAB>text`: %r", info, line_no, line[:120])
             continue
-        file = Path(location) / m["path"]
+        file = safe_file(m["path"], Path(location), links_to, skipped, f"{info}:{line_no}")
+        if file is None:
+            continue
         recording = Path(m["path"]).stem
         yield {
             "row": index,

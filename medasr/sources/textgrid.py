@@ -12,7 +12,7 @@ from typing import Any
 
 from medasr.log import get_logger
 from medasr.params import FetchParams
-from medasr.sources.base import clip_id, cut_segment
+from medasr.sources.base import OutsideDataset, clip_id, cut_segment, dataset_file, link_roots, refuse, safe_file
 
 log = get_logger(__name__)
 
@@ -25,12 +25,14 @@ def has_textgrids(path: Path) -> bool:
 
 def read(location: str, p: FetchParams, skipped: Counter) -> Iterator[dict[str, Any]]:
     """TextGrid transcripts (any depth) matched by file name to audio files (any depth): one clip per labelled
-    interval. Unreadable TextGrids and audio without a transcript are counted; a missing recording reaches subset
-    as missing audio. Columns do not apply: `p` is unused."""
+    interval. Unreadable TextGrids and audio without a transcript are counted, and so is each interval whose
+    TextGrid or audio is a link leading out of the folder; a missing recording reaches subset as missing audio.
+    Columns do not apply: `p` is unused."""
     from praatio import textgrid
     from praatio.utilities.errors import PraatioException
 
     root = Path(location)
+    links_to = link_roots(root)
     audio = {f.stem: f for f in sorted(root.rglob("*")) if f.suffix.lower() in AUDIO_SUFFIXES and f.is_file()}
     grids = sorted(root.rglob("*.TextGrid"))
     untranscribed = len(audio.keys() - {g.stem for g in grids})
@@ -39,6 +41,8 @@ def read(location: str, p: FetchParams, skipped: Counter) -> Iterator[dict[str, 
         log.warning("%d audio file(s) under %s have no TextGrid of the same name", untranscribed, root)
     index = 0
     for grid in grids:
+        if safe_file(str(grid.relative_to(root)), root, links_to, skipped, str(grid)) is None:
+            continue
         try:
             tg = textgrid.openTextgrid(str(grid), includeEmptyIntervals=False)
         except (PraatioException, ValueError, IndexError, UnicodeError) as exc:
@@ -46,6 +50,12 @@ def read(location: str, p: FetchParams, skipped: Counter) -> Iterator[dict[str, 
             log.warning("%s skipped, not a readable TextGrid: %s", grid, exc)
             continue
         file = audio.get(grid.stem)
+        refused: OutsideDataset | None = None
+        try:
+            if file is not None:
+                dataset_file(str(file.relative_to(root)), root, links_to)
+        except OutsideDataset as exc:
+            refused = exc
         # point tiers (TextTier) mark instants, not utterances: nothing to cut
         tiers = [t for t in map(tg.getTier, tg.tierNames) if isinstance(t, textgrid.IntervalTier)]
         for tier in tiers:
@@ -55,6 +65,9 @@ def read(location: str, p: FetchParams, skipped: Counter) -> Iterator[dict[str, 
             prefix = grid.stem if len(tiers) == 1 else f"{grid.stem}-{tier.name}"
             for start, end, label in tier.entries:
                 if not label.strip():
+                    continue
+                if refused is not None:
+                    refuse(skipped, f"{grid}[{start:.3f},{end:.3f}]", refused)
                     continue
                 yield {
                     "row": index,
