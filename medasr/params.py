@@ -126,6 +126,12 @@ class TrainParams(_Block):
     seed: int
     checkpoint_every: int = Field(gt=0, description="steps between resumable checkpoints")
     keep_checkpoints: int = Field(ge=1, description="resumable checkpoints kept (newest first)")
+    keep_fingerprints: int = Field(
+        2,
+        ge=1,
+        description="runs (fingerprints) whose checkpoints are kept, here and on the DVC remote: this one and the "
+        "ones used last; older ones' folders and aside copies are deleted when training starts",
+    )
     batch_size: int = Field(gt=0, description="utterances per batch (with batch_tokens set: the most per batch)")
     batch_tokens: int | None = Field(
         None,

@@ -124,6 +124,93 @@ class S3Bucket(S3Server):
         pass  # the session's server outlives the test
 
 
+class FaultyProxy:
+    """An HTTP proxy on 127.0.0.1 in front of an S3 server (`upstream`, e.g. S3Server.endpoint) that fails requests
+    on purpose, the way a flaky network or an overloaded store does: each request whose method is in `methods` (and
+    whose path contains `match`) gets a 503 "ServiceUnavailable" answer (or, with close=True, its connection closed
+    without any answer) while `failing` is set, or while it is among the first `fail_first` such requests. Everything
+    else is passed through unchanged. `seen` counts such requests, `failed` those it failed. botocore and s3fs retry
+    such failures internally, so a fault that must reach our code outlasts their retries (a window, or a count)."""
+
+    def __init__(
+        self, upstream: str, fail_first: int = 0, methods: frozenset[str] = frozenset({"GET", "HEAD"}), close=False
+    ) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        self.upstream, self.fail_first, self.methods, self.close = urlsplit(upstream), fail_first, methods, close
+        self.failing, self.failed, self.seen, self.match = False, 0, 0, ""
+        lock, proxy = threading.Lock(), self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks = []
+                    while size := int(self.rfile.readline().split(b";")[0], 16):
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return b"".join(chunks)
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _handle(self) -> None:
+                import http.client
+
+                body = self._body()
+                with lock:
+                    chosen = self.command in proxy.methods and proxy.match in self.path
+                    fail = chosen and (proxy.failing or proxy.seen < proxy.fail_first)
+                    proxy.seen += chosen
+                    proxy.failed += fail
+                if fail and proxy.close:
+                    self.close_connection = True  # no answer at all: the client sees the connection drop
+                    return
+                if fail:
+                    error = b"<Error><Code>ServiceUnavailable</Code><Message>injected fault</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(error) if self.command != "HEAD" else 0))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(error)
+                    return
+                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"}
+                headers["Content-Length"] = str(len(body))
+                conn.request(self.command, self.path, body=body, headers=headers)
+                answer = conn.getresponse()
+                data = answer.read()
+                self.send_response(answer.status, answer.reason)
+                for key, value in answer.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length", "date", "server"):
+                        self.send_header(key, value)
+                length = answer.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="faulty-proxy", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300, what: str = "the condition") -> None:
     """Poll `predicate` while `proc` (with piped stdout) runs; fail with its output if it exits first."""
     deadline = time.time() + timeout
@@ -322,3 +409,56 @@ def assert_same_training_state(a: dict[str, Any], b: dict[str, Any]) -> None:
     for index in opt_a:
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(opt_a[index][key], opt_b[index][key]), (index, key)
+
+
+SOURCE_KINDS = ("audiofolder", "nemo_manifest", "parquet", "segment_list", "textgrid")
+GOOD_TEXT = "a brand new sentence"
+
+
+def traversal_dataset(kind: str, tmp: Path, secret: str) -> Path:
+    """A local dataset of `kind` in `tmp/corpus`: one good row (GOOD_TEXT, a 2 s tone) and three whose audio leads
+    out of the folder: `/proc/self/environ` (the reading process's environment), `../secret.wav` (a WAV with
+    `secret` appended, beside the folder) and `link.wav`, a symlink to it. A TextGrid folder names no paths, so
+    there the three are links: audio to /proc/self/environ, audio to secret.wav, and a transcript outside holding
+    `secret`. Returns what fetch.dataset names."""
+    corpus = tmp / "corpus"
+    corpus.mkdir(parents=True)
+    (tmp / "secret.wav").write_bytes(wav(2.0, freq=330.0) + secret.encode())
+    (corpus / "good.wav").write_bytes(wav(2.0, freq=550.0))
+    (corpus / "link.wav").symlink_to(tmp / "secret.wav")
+    rows = [("good.wav", GOOD_TEXT), ("/proc/self/environ", "a"), ("../secret.wav", "b"), ("link.wav", "c")]
+    if kind == "audiofolder":
+        (corpus / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": t}) + "\n" for n, t in rows))
+        return corpus
+    if kind == "nemo_manifest":
+        lines = [json.dumps({"audio_filepath": n, "text": t}) + "\n" for n, t in rows]
+        (corpus / "manifest.json").write_text("".join(lines))
+        return corpus / "manifest.json"
+    if kind == "parquet":
+        audio = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+        schema = pa.schema([("audio", audio), ("text", pa.string())])
+        table = pa.Table.from_pylist([{"audio": {"bytes": None, "path": n}, "text": t} for n, t in rows], schema=schema)
+        pq.write_table(table, corpus / "rows.parquet")
+        return corpus
+    if kind == "segment_list":
+        (corpus / "medical_train.info").write_text("".join(f"{n}[0.0,1.5]\t{t}\n" for n, t in rows))
+        return corpus
+    assert kind == "textgrid", kind
+    from praatio import textgrid
+
+    def grid(path: Path, text: str) -> None:
+        tg = textgrid.Textgrid()
+        tg.addTier(textgrid.IntervalTier("Speaker", [(0.25, 1.75, text)], 0, 2.0))
+        tg.save(str(path), format="long_textgrid", includeBlankSpaces=True)
+
+    (corpus / "environ.wav").symlink_to("/proc/self/environ")
+    for name, text in (("good", GOOD_TEXT), ("environ", "a"), ("link", "b")):
+        grid(corpus / f"{name}.TextGrid", text)
+    grid(tmp / "outside.TextGrid", secret)
+    (corpus / "away.TextGrid").symlink_to(tmp / "outside.TextGrid")
+    return corpus
+
+
+def files_holding(root: Path, secret: str) -> list[Path]:
+    """Every file under `root` whose bytes contain `secret` (links not followed)."""
+    return [f for f in root.rglob("*") if f.is_file() and not f.is_symlink() and secret.encode() in f.read_bytes()]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import CREDENTIALS, S3Server, run_env, tiny_params, wait_for
+from helpers import CREDENTIALS, DEVELOPER_SETTINGS, S3Server, run_env, tiny_params, wait_for
 
 
 def workspace(root: Path, manifests: Path, p, s3: S3Server | None) -> Path:
@@ -192,3 +192,65 @@ def test_a_fresh_clone_without_dvc_lock_restores_every_finished_stage_from_s3(tm
     for name in ("data.json", "testsets.json", "train.json", "eval.json"):
         assert (second / "metrics" / name).read_text() == (first / "metrics" / name).read_text()
     assert (second / "models" / "canary-qwen-medical-lora" / "medasr.json").is_file()
+
+
+def nested_remote(root: Path, s3: S3Server, url: str, monkeypatch) -> Path:
+    """A DVC repo (git too) whose default remote is `url` on the test server, opened in this process."""
+    from dvc.repo import Repo
+
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    root.mkdir()
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    Repo.init(str(root)).close()
+    (root / ".dvc" / "config").write_text(
+        f"[core]\n    remote = s3\n    analytics = false\n"
+        f"['remote \"s3\"']\n    url = {url}\n    endpointurl = {s3.endpoint}\n"
+    )
+    return root
+
+
+def test_check_remote_accepts_a_new_prefix_in_a_bucket_and_refuses_a_missing_bucket(tmp_path, s3, monkeypatch):
+    from medasr.ops.remote import REMOTE_OK, REMOTE_REJECTED, check_remote
+
+    for name in DEVELOPER_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    # a fresh bucket, nothing ever written under team/medasr: `dvc push` creates it, so the remote is reachable
+    fresh = nested_remote(tmp_path / "fresh", s3, f"s3://{s3.bucket}/team/medasr", monkeypatch)
+    assert check_remote(fresh) == (REMOTE_OK, "DVC remote 's3' reachable")
+    s3.client().put_object(Bucket=s3.bucket, Key="team/medasr/files/md5/00/0", Body=b"x")
+    assert check_remote(fresh)[0] == REMOTE_OK
+
+    missing = nested_remote(tmp_path / "missing", s3, "s3://no-such-bucket/team/medasr", monkeypatch)
+    code, line = check_remote(missing)
+    assert code == REMOTE_REJECTED and line.startswith("DVC remote 's3' refused access") and "\n" not in line
+
+    # outside any DVC repository: one line to print, no traceback
+    code, line = check_remote(tmp_path)
+    assert code == REMOTE_REJECTED and "not inside of a DVC repository" in line and "\n" not in line
+
+
+@pytest.mark.e2e
+def test_dvc_push_to_a_new_prefix_of_a_fresh_bucket(tmp_path, s3):
+    """What runpod.sh runs on attempt 1 against a fresh bucket with a nested prefix: the check passes, and the
+    push creates the prefix."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = run_env() | CREDENTIALS
+    url = f"s3://{s3.bucket}/team/medasr"
+    for cmd in (
+        ["git", "init", "-q"],
+        ["dvc", "init", "-q"],
+        ["dvc", "remote", "add", "-d", "s3", url],
+        ["dvc", "remote", "modify", "s3", "endpointurl", s3.endpoint],
+    ):
+        subprocess.run(cmd, cwd=repo, env=env, check=True)
+    check = subprocess.run(
+        [sys.executable, "-m", "stages.cli", "remote", "check"], cwd=repo, env=env, text=True, capture_output=True
+    )
+    assert check.returncode == 0 and "DVC remote 's3' reachable" in check.stdout, check.stderr
+    (repo / "data.txt").write_text("pushed through a prefix nobody created\n")
+    for cmd in (["dvc", "add", "-q", "data.txt"], ["dvc", "push", "-q"]):
+        proc = subprocess.run(cmd, cwd=repo, env=env, text=True, capture_output=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert any(k.startswith("team/medasr/files/md5/") for k in s3.keys())  # noqa: SIM118 (a list)

@@ -1,20 +1,31 @@
-"""train: which checkpoint a run resumes, on checkpoint folders written by hand (fast: no torch, no model).
+"""train: which checkpoint a run resumes, what is moved aside, and which old runs are pruned, on checkpoint folders
+written by hand (fast: no torch, no model).
 
 The same fallbacks on checkpoints written by real training runs are in test_train.py (e2e)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from helpers import tiny_params
 
-from medasr.paths import CHECKPOINT_META, CHECKPOINT_STATE, LATEST, step_dir_name
-from stages.train.checkpoints import find_resumable, fingerprint, resume_point
+from medasr import StageError
+from medasr.ops.mirror import Mirror, fingerprint_of, stale_fingerprints
+from medasr.params import ParamsError
+from medasr.paths import CHECKPOINT_META, CHECKPOINT_STATE, LATEST, aside_name, step_dir_name
+from stages.train import checkpoints
+from stages.train.checkpoints import find_resumable, fingerprint, prune_fingerprints, resume_point
 
 FP = "0123456789abcdef"
+T1 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+T2, T3 = T1 + timedelta(hours=1), T1 + timedelta(hours=2)
 
 
 def checkpoint(run_dir: Path, step: int, fp: str = FP, *, sha256: str | None = None, meta: bool = True) -> Path:
@@ -97,11 +108,104 @@ def test_resume_point_without_a_mirror(tmp_path):
     found, source = resume_point(run_dir, FP, None)
     assert source == "local" and found.step == 8
 
-    # nothing usable: the run folder is cleared so the fresh run does not mix with corrupt leftovers
-    other = tmp_path / "other"
-    checkpoint(other, 4, sha256="0" * 64)
-    assert resume_point(other, FP, None) == (None, "none")
-    assert not other.exists()
+    # nothing usable: the run folder is moved aside, never deleted (best/ and offline W&B runs live there), so the
+    # fresh run does not mix with corrupt leftovers; the newest aside copy per fingerprint is kept
+    root = tmp_path / "root"
+    leftover = checkpoint(root / FP, 4, sha256="0" * 64).parent
+    (leftover / "wandb" / "offline-run-1").mkdir(parents=True)
+    (leftover / "wandb" / "offline-run-1" / "run-1.wandb").write_bytes(b"unsynced")
+    before = files(leftover)
+    assert resume_point(leftover, FP, None, now=T1) == (None, "none")
+    assert not leftover.exists() and files(root / aside_name(FP, T1)) == before
+    checkpoint(root / FP, 8, meta=False)  # the fresh run, killed before its first checkpoint was complete
+    assert resume_point(leftover, FP, None, now=T2) == (None, "none")
+    assert sorted(p.name for p in root.iterdir()) == [aside_name(FP, T2)]
+    (root / FP / "empty").mkdir(parents=True)  # a folder without any file holds nothing to keep
+    assert resume_point(leftover, FP, None, now=T3) == (None, "none")
+    assert sorted(p.name for p in root.iterdir()) == [aside_name(FP, T2)]
+
+
+def test_a_checkpoint_that_cannot_be_read_fails_the_stage_and_moves_nothing(tmp_path, monkeypatch):
+    """A transient read error (EIO on a disk or network mount) is no corrupt checkpoint: never "nothing to resume",
+    which would start over; the run folder stays as it is for the retry."""
+    run_dir = tmp_path / FP
+    checkpoint(run_dir, 4)
+    checkpoint(run_dir, 8)
+    before = files(run_dir)
+    real = checkpoints.sha256_file
+
+    def flaky(path: Path) -> str:
+        if path.parent.name == step_dir_name(8):
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real(path)
+
+    monkeypatch.setattr(checkpoints, "sha256_file", flaky)
+    with pytest.raises(StageError, match=r"could not read the checkpoints in .*Input/output error") as err:
+        resume_point(run_dir, FP, None)
+    assert "\n" not in str(err.value) and files(run_dir) == before and sorted(tmp_path.iterdir()) == [run_dir]
+    monkeypatch.setattr(checkpoints, "sha256_file", real)
+    assert resume_point(run_dir, FP, None)[0].step == 8
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def aged(folder: Path, when: float) -> Path:
+    """Every file and folder under `folder` last modified at `when` (epoch s): a run last used then."""
+    for path in [folder, *folder.rglob("*")]:
+        os.utime(path, (when, when))
+    return folder
+
+
+def test_keep_fingerprints_prunes_the_runs_used_least_recently_here_and_on_the_mirror(tmp_path, monkeypatch, caplog):
+    from dvc_objects.fs.local import LocalFileSystem
+
+    a, b, c = "a" * 16, "b" * 16, "c" * 16
+    root, remote = tmp_path / "checkpoints", tmp_path / "remote"
+    for base in (root, remote):  # the same layout on both sides: runs, aside copies, other folders
+        aged(checkpoint(base / FP, 4).parent, 1000)  # this run: kept whatever its age
+        aged(checkpoint(base / a, 4, a).parent, 3000)  # used last of the others
+        aged(checkpoint(base / aside_name(a, T1), 4, a).parent, 2000)
+        aged(checkpoint(base / b, 4, b).parent, 2500)
+        aged(checkpoint(base / aside_name(c, T1), 4, c).parent, 2600)  # an aside copy counts as use of its run
+        aged(checkpoint(base / "not-a-run", 4).parent, 0)  # nothing pruning made: never touched
+    mirror = Mirror(LocalFileSystem(), str(remote / FP), "local")
+
+    prune_fingerprints(root / FP, mirror, 2)
+    kept = sorted([FP, a, aside_name(a, T1), "not-a-run"])
+    assert sorted(p.name for p in root.iterdir()) == kept and sorted(p.name for p in remote.iterdir()) == kept
+
+    # a failure is reported, not fatal (training goes on); the next start prunes what is left
+    def refused(*args, **kwargs):
+        raise PermissionError("AccessDenied")
+
+    with monkeypatch.context() as m:
+        m.setattr(mirror.fs, "rm", refused)
+        with caplog.at_level(logging.WARNING):
+            prune_fingerprints(root / FP, mirror, 1)
+    assert "could not prune older runs' checkpoints on DVC remote 'local': PermissionError: AccessDenied" in caplog.text
+    assert sorted(p.name for p in root.iterdir()) == [FP, "not-a-run"]
+    assert sorted(p.name for p in remote.iterdir()) == kept
+    prune_fingerprints(root / FP, mirror, 1)
+    assert sorted(p.name for p in remote.iterdir()) == [FP, "not-a-run"]
+    assert find_resumable(root / FP, FP).step == 4 and mirror.complete_steps() == [step_dir_name(4)]
+
+
+def test_stale_fingerprints_keeps_the_current_run_and_the_ones_used_last():
+    last_use = {"cur": 1.0, "x": 5.0, "y": 4.0, "z": 3.0}
+    assert stale_fingerprints(last_use, "cur", 1) == {"x", "y", "z"}
+    assert stale_fingerprints(last_use, "cur", 2) == {"y", "z"}
+    assert stale_fingerprints(last_use, "cur", 3) == {"z"}
+    assert stale_fingerprints(last_use, "new", 2) == {"y", "z", "cur"}  # a run not in the list yet counts as one
+    assert stale_fingerprints({}, "cur", 2) == set()
+    assert [fingerprint_of(n) for n in (FP, aside_name(FP, T1), "latest", FP.upper(), FP + "0")] == [
+        FP,
+        FP,
+        None,
+        None,
+        None,
+    ]
 
 
 def test_the_fingerprint_covers_what_decides_the_weights_only():
@@ -121,3 +225,22 @@ def test_the_fingerprint_covers_what_decides_the_weights_only():
         assert fp(**changed) != base, changed
     p = tiny_params()
     assert fingerprint(p.model, p.lora, p.train, "other-data", world_size=1, precision="32") != base
+    # how many old runs are kept is housekeeping, not the run: validated, not fingerprinted
+    assert fp(**{"train.keep_fingerprints": 5}) == base and tiny_params().train.keep_fingerprints == 2
+    with pytest.raises(ParamsError, match="keep_fingerprints"):
+        tiny_params(**{"train.keep_fingerprints": 0})
+
+
+def test_mirror_prune_keeps_the_newest_complete_checkpoints_and_drops_older_half_uploads(tmp_path):
+    from dvc_objects.fs.local import LocalFileSystem
+
+    remote = tmp_path / "remote" / FP
+    for step in (4, 8, 12):
+        checkpoint(remote, step)
+    checkpoint(remote, 2, meta=False)  # an upload killed long ago: never complete, never resumed
+    checkpoint(remote, 16, meta=False)  # the upload in progress
+    mirror = Mirror(LocalFileSystem(), str(remote), "local")
+    assert mirror.complete_steps() == [step_dir_name(12), step_dir_name(8), step_dir_name(4)]
+    mirror.prune(2)
+    assert sorted(p.name for p in remote.iterdir()) == [step_dir_name(s) for s in (8, 12, 16)]
+    assert Mirror(LocalFileSystem(), str(tmp_path / "none"), "local").complete_steps() == []

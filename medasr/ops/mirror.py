@@ -5,17 +5,21 @@ filesystem of the repo's default DVC remote (S3 through dvc-s3, or a local direc
 and credentials as `dvc push`. Layout: `<remote>/medasr-checkpoints/<fingerprint>/step-NNNNNNNN/`, with
 `meta.json` uploaded last as the completeness marker. A half-uploaded checkpoint has no meta.json and is never
 used. `medasr train --fresh` moves a run's folder to `<fingerprint>.aside-<UTC time>/` beside it (`Mirror.set_aside`).
-Uploads run on a background thread with retries: a failed upload is reported, never fatal to training.
+Uploads run on a background thread with retries: a failed upload is reported, never fatal to training. Reads are
+retried too (`Mirror.read`), and a read that failed raises: it is never taken for an empty or corrupt mirror.
+Folders of fingerprints no longer trained are pruned by last use (`Mirror.prune_fingerprints`).
 """
 
 from __future__ import annotations
 
 import queue
+import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from medasr.files import atomic_dir
 from medasr.log import get_logger
@@ -24,6 +28,7 @@ from medasr.paths import CHECKPOINT_META, REMOTE_CHECKPOINTS, aside_of
 from medasr.secrets import one_line
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -31,6 +36,30 @@ class Mirror:
     fs: Any  # a dvc-objects FileSystem (S3, local, ...)
     root: str  # <remote path>/medasr-checkpoints/<fingerprint>
     remote: str  # the DVC remote's name, for messages
+    # reads (listing, download) that fail are retried this often, waiting first_delay_s, then twice as long each
+    # time; on top of the S3 client's own retries (botocore: 5 attempts, about 8 s), so a fault must outlast both
+    read_attempts: int = 4
+    first_delay_s: float = 2.0
+
+    def read(self, what: str, fn: Callable[[], T]) -> T:
+        """`fn`, a read of the remote, retried with backoff; the last attempt's exception is raised."""
+        delay = self.first_delay_s
+        for attempt in range(1, self.read_attempts):
+            try:
+                return fn()
+            except Exception as exc:
+                log.warning(
+                    "%s on DVC remote %r failed (attempt %d/%d), retrying in %.1f s: %s",
+                    what,
+                    self.remote,
+                    attempt,
+                    self.read_attempts,
+                    delay,
+                    one_line(exc),
+                )
+                time.sleep(delay)
+                delay *= 2
+        return fn()
 
     def upload(self, folder: Path) -> None:
         """Copy one checkpoint folder; its meta.json goes last, so a partial copy is never mistaken for complete."""
@@ -43,18 +72,52 @@ class Mirror:
             self.fs.put_file(str(path), target)
         self.fs.put_file(str(marker), self.fs.join(dest, CHECKPOINT_META))
 
+    def steps(self) -> dict[str, bool]:
+        """The mirrored checkpoint folders, each with whether it finished uploading (its own meta.json is there).
+        One listing, which raises when it fails: only a run that has mirrored nothing yet is empty. (`fs.exists`
+        is no test for that: s3fs answers False for a bucket it could not reach.)"""
+        steps: dict[str, bool] = {}
+        for path in self.fs.find(self.root):
+            name, *rest = self.fs.relparts(path, self.root)
+            if name.startswith("step-"):
+                steps[name] = steps.get(name, False) or rest == [CHECKPOINT_META]
+        return steps
+
     def complete_steps(self) -> list[str]:
         """Names of the mirrored checkpoints that finished uploading, newest first."""
-        if not self.fs.exists(self.root):
-            return []
-        names = sorted((Path(p).name for p in self.fs.ls(self.root, detail=False)), reverse=True)
-        return [
-            n for n in names if n.startswith("step-") and self.fs.exists(self.fs.join(self.root, n, CHECKPOINT_META))
-        ]
+        return sorted((name for name, complete in self.steps().items() if complete), reverse=True)
 
     def prune(self, keep: int) -> None:
-        for name in self.complete_steps()[keep:]:
-            self.fs.rm(self.fs.join(self.root, name), recursive=True)
+        """Keep the newest `keep` complete checkpoints; older folders go, half-uploaded ones (a killed upload)
+        included. Newer half-uploaded ones stay: only the upload in progress could be writing them."""
+        steps = self.steps()
+        kept = sorted(name for name, complete in steps.items() if complete)[-keep:]
+        for name in sorted(steps):
+            if kept and name < kept[0]:
+                self.fs.rm(self.fs.join(self.root, name), recursive=True)
+
+    def prune_fingerprints(self, keep: int) -> list[str]:
+        """Delete the folders (runs and their aside copies) of the fingerprints other than this run's, all but those
+        of the `keep` - 1 used last; returns their names. Last use: the time of the newest checkpoint completed in
+        their folders (one without any counts as oldest)."""
+        base, current = self.fs.parent(self.root), self.fs.name(self.root)
+        folders: set[str] = set()
+        newest: dict[str, str] = {}  # folder -> its newest completeness marker (step folders sort by step)
+        for path in sorted(self.fs.find(base)):
+            folder, *rest = self.fs.relparts(path, base)
+            if fingerprint_of(folder):
+                folders.add(folder)
+                if len(rest) == 2 and rest[0].startswith("step-") and rest[1] == CHECKPOINT_META:
+                    newest[folder] = path
+        last_use = {fingerprint_of(folder) or "": 0.0 for folder in folders}
+        for folder, marker in newest.items():
+            owner = fingerprint_of(folder) or ""
+            last_use[owner] = max(last_use[owner], self.fs.modified(marker).timestamp())
+        stale = stale_fingerprints(last_use, current, keep)
+        gone = sorted(folder for folder in folders if fingerprint_of(folder) in stale)
+        for folder in gone:
+            self.fs.rm(self.fs.join(base, folder), recursive=True)
+        return gone
 
     def set_aside(self, name: str) -> bool:
         """`medasr train --fresh`: move this run's mirrored checkpoints to the sibling `name` (see paths.aside_name);
@@ -90,6 +153,23 @@ class Mirror:
         return run_dir / name
 
 
+FINGERPRINT = re.compile(r"[0-9a-f]{16}")  # what stages/train/checkpoints.py `fingerprint` names a run's folder
+
+
+def fingerprint_of(name: str) -> str | None:
+    """The fingerprint whose checkpoints a folder named `name` holds (its run folder, or an aside copy), or None
+    for anything else: pruning never touches a folder it did not make."""
+    fingerprint = aside_of(name) or name
+    return fingerprint if FINGERPRINT.fullmatch(fingerprint) else None
+
+
+def stale_fingerprints(last_use: dict[str, float], current: str, keep: int) -> set[str]:
+    """Which fingerprints' folders to prune: all but `current` (always kept, counted as one of `keep`) and the
+    `keep` - 1 others used last (`last_use`: epoch seconds per fingerprint)."""
+    others = sorted((fp for fp in last_use if fp != current), key=lambda fp: (last_use[fp], fp), reverse=True)
+    return set(others[max(keep - 1, 0) :])
+
+
 def asides(fs: Any, base: str) -> list[str]:
     """The names of the aside copies (see paths.aside_name) in the checkpoints folder `base` of a filesystem."""
     if not fs.exists(base):
@@ -111,7 +191,7 @@ def open_mirror(fingerprint: str, repo_root: Path | str = ".") -> Mirror | None:
     try:
         remote = default_remote(repo_root)
     except Exception as exc:  # not a DVC repo (e.g. a test's scratch folder): nothing to mirror to
-        log.info("no DVC repo here (%s): checkpoints stay local", type(exc).__name__)
+        log.info("checkpoints stay local: %s", one_line(exc))
         return None
     if remote is None:
         log.info("no default DVC remote: checkpoints stay local (`dvc remote add -d ...` to mirror them)")
@@ -154,9 +234,8 @@ class Uploader:
         for attempt in range(1, self.retries + 1):
             try:
                 self.mirror.upload(folder)
-                self.mirror.prune(self.keep)
                 log.info("mirrored %s to DVC remote %r", folder.name, self.mirror.remote)
-                return
+                break
             except Exception as exc:  # network, auth, server down: report, retry, never kill training
                 log.warning(
                     "mirroring %s to %r failed (attempt %d/%d): %s",
@@ -170,4 +249,15 @@ class Uploader:
                     return
                 time.sleep(delay)
                 delay = min(delay * 2, 60.0)
-        log.error("gave up mirroring %s; the next checkpoint will be tried as usual", folder.name)
+        else:
+            log.error("gave up mirroring %s; the next checkpoint will be tried as usual", folder.name)
+            return
+        try:  # the checkpoint is safe on the remote: a failure here only leaves older ones longer, till the next
+            self.mirror.prune(self.keep)
+        except Exception as exc:
+            log.warning(
+                "mirrored %s, but pruning older checkpoints on %r failed (tried again after the next upload): %s",
+                folder.name,
+                self.mirror.remote,
+                one_line(exc),
+            )

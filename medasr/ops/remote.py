@@ -8,19 +8,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from medasr import StageError
 from medasr.secrets import one_line
 
 
 def default_remote(repo_root: Path | str = ".") -> Any:
-    """The repo's default DVC remote (a dvc-data Remote: `.fs`, `.path`, `.name`), or None when there is none."""
+    """The repo's default DVC remote (a dvc-data Remote: `.fs`, `.path`, `.name`), or None when there is none.
+    Outside a DVC repository, or with a config DVC refuses: StageError, one line."""
     from dvc.config import NoRemoteError
+    from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    repo = Repo(str(repo_root))
+    try:
+        repo = Repo(str(repo_root))
+    except DvcException as exc:
+        raise StageError(f"DVC cannot open {Path(repo_root).resolve()}: {one_line(exc)}") from None
     try:
         return repo.cloud.get_remote()
     except NoRemoteError:
         return None
+    except DvcException as exc:
+        raise StageError(f"DVC cannot open the default remote: {one_line(exc)}") from None
     finally:
         repo.close()
 
@@ -68,14 +76,23 @@ REMOTE_OK, REMOTE_UNREACHABLE, REMOTE_REJECTED = 0, 1, 2
 def check_remote(repo_root: Path | str = ".") -> tuple[int, str]:
     """Preflight: a real listing of the default DVC remote with the given credentials. Returns a code and one line
     naming the remote (never a credential): REMOTE_OK; REMOTE_UNREACHABLE (network, server down: worth retrying);
-    REMOTE_REJECTED (credentials refused, bucket missing, no remote: retrying cannot help).
+    REMOTE_REJECTED (credentials refused, bucket missing, no remote, not in a DVC repository: retrying cannot help).
+    A remote path nothing was pushed to yet (a new prefix in an existing bucket) is fine: `dvc push` creates it.
     `dvc status -c` is no health check: it can report "in sync" for a remote it cannot reach."""
-    remote = default_remote(repo_root)
+    try:
+        remote = default_remote(repo_root)
+    except StageError as exc:
+        return REMOTE_REJECTED, str(exc)
     if remote is None:
         return REMOTE_REJECTED, "no default DVC remote: run `medasr remote setup`"
     fs, path = remote.fs, remote.path
     try:
-        fs.ls(path if fs.exists(path) else (fs.parent(path) or path), detail=False)
+        try:
+            fs.ls(path, detail=False)
+        except FileNotFoundError:
+            # nothing under the path yet: a listing of it (empty) tells a missing prefix from a missing bucket,
+            # which raises; unlike `fs.exists`, which answers False for a bucket it could not reach
+            list(fs.find(path))
     except (PermissionError, FileNotFoundError) as exc:  # s3fs maps AccessDenied/InvalidAccessKeyId/NoSuchBucket
         return REMOTE_REJECTED, f"DVC remote {remote.name!r} refused access: {one_line(exc)}"
     except Exception as exc:

@@ -12,14 +12,18 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medasr import StageError
 from medasr.files import sha256_file, update_digest, write_text_atomic
 from medasr.log import get_logger
+from medasr.ops.mirror import fingerprint_of, stale_fingerprints
 from medasr.params import LoraParams, ModelParams, TrainParams
 from medasr.paths import (
     BEST_DIR,
@@ -47,6 +51,7 @@ NOT_FINGERPRINTED = {
     "max_steps",
     "checkpoint_every",
     "keep_checkpoints",
+    "keep_fingerprints",
     "val_every",
     "val_max_utts",
     "early_stop_patience",
@@ -109,61 +114,122 @@ def step_dirs(run_dir: Path) -> list[Path]:
     return sorted(d for d in run_dir.glob("step-*") if d.is_dir())
 
 
+# What a checkpoint that is there but unusable raises when read: a missing file (a save or upload that never finished),
+# a layout or content that is not ours. Any other OSError (EIO, a stale network mount) is a read that failed.
+CORRUPT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError, KeyError, TypeError)
+
+
+def verified(folder: Path, fp: str) -> Checkpoint:
+    """The checkpoint in `folder`, if its meta.json names this fingerprint and its state file matches its sha256;
+    else one of CORRUPT is raised."""
+    meta = json.loads((folder / CHECKPOINT_META).read_text())
+    if meta["fingerprint"] != fp:
+        raise ValueError(f"fingerprint {meta['fingerprint']} is not this run's {fp}")
+    if sha256_file(folder / CHECKPOINT_STATE) != meta["sha256"]:
+        raise ValueError("state file does not match its recorded sha256 (truncated or corrupt)")
+    return Checkpoint(folder, int(meta["step"]), meta)
+
+
 def find_resumable(run_dir: Path, fp: str) -> Checkpoint | None:
-    """The newest valid checkpoint of this fingerprint: `latest` first, then older ones, skipping corrupt ones."""
-    if not run_dir.is_dir():
-        return None
-    candidates = step_dirs(run_dir)[::-1]
-    latest = run_dir / LATEST
-    if latest.is_file() and (pointed := run_dir / latest.read_text().strip()) in candidates:
-        candidates.remove(pointed)
-        candidates.insert(0, pointed)
-    for folder in candidates:
-        try:
-            meta = json.loads((folder / CHECKPOINT_META).read_text())
-            if meta["fingerprint"] != fp:
-                raise ValueError(f"fingerprint {meta['fingerprint']} is not this run's {fp}")
-            if sha256_file(folder / CHECKPOINT_STATE) != meta["sha256"]:
-                raise ValueError("state file does not match its recorded sha256 (truncated or corrupt)")
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("ignoring checkpoint %s: %s", folder, exc)
-            continue
-        return Checkpoint(folder, int(meta["step"]), meta)
-    return None
-
-
-def restore_from_mirror(mirror: Mirror, run_dir: Path, fp: str) -> Checkpoint | None:
-    """The newest complete, intact mirrored checkpoint, downloaded into `run_dir` with what travels with it."""
+    """The newest valid checkpoint of this fingerprint: `latest` first, then older ones, skipping corrupt ones.
+    A read that fails (not a missing file) raises StageError: "could not read" is never "nothing to resume"."""
     try:
-        names = mirror.complete_steps()
-    except Exception as exc:  # the loop around us retries; starting fresh here could throw away a long run
-        raise StageError(f"DVC remote {mirror.remote!r} unreachable while looking for a checkpoint: {exc}") from None
-    for name in names:
+        if not run_dir.is_dir():
+            return None
+        candidates = step_dirs(run_dir)[::-1]
         try:
-            folder = mirror.download(name, run_dir)
+            pointed = run_dir / (run_dir / LATEST).read_text().strip()
+        except (FileNotFoundError, ValueError):  # no pointer, or a damaged one: the newest folder first
+            pointed = None
+        if pointed in candidates:
+            candidates.remove(pointed)
+            candidates.insert(0, pointed)
+        for folder in candidates:
+            try:
+                return verified(folder, fp)
+            except CORRUPT as exc:
+                log.warning("ignoring checkpoint %s: %s", folder, exc)
+        return None
+    except OSError as exc:
+        raise StageError(f"could not read the checkpoints in {run_dir}, so none was chosen: {one_line(exc)}") from None
+
+
+def fetch_from_mirror(mirror: Mirror, into: Path, fp: str) -> tuple[Checkpoint | None, list[Path]]:
+    """Download the newest complete mirrored checkpoint that arrives intact into `into`; returns it (or None when
+    none is) and the ones that arrived corrupt. A listing or download that fails is retried, then raises
+    StageError: the loop around the stage retries later, where starting fresh could throw away a long run."""
+
+    def read(what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return mirror.read(what, fn)
         except Exception as exc:
-            log.warning("could not download mirrored checkpoint %s: %s", name, exc)
-            continue
-        copy_extras(folder, run_dir)
-        write_text_atomic(run_dir / LATEST, name + "\n")
-        found = find_resumable(run_dir, fp)
-        if found is not None and found.path.name == name:
-            log.info("restored %s from DVC remote %r", name, mirror.remote)
-            return found
-        shutil.rmtree(folder, ignore_errors=True)
-    return None
+            raise StageError(
+                f"DVC remote {mirror.remote!r} could not be read ({what}), so no checkpoint was chosen and nothing was "
+                f"changed; retry later: {one_line(exc)}"
+            ) from None
+
+    corrupt: list[Path] = []
+    for name in read("listing the mirrored checkpoints", mirror.complete_steps):
+        folder = read(f"downloading {name}", partial(mirror.download, name, into))
+        try:
+            return verified(folder, fp), corrupt
+        except CORRUPT as exc:
+            log.warning("mirrored checkpoint %s arrived corrupt (%s): set aside, trying the previous one", name, exc)
+            corrupt.append(folder)
+    return None, corrupt
 
 
-def resume_point(run_dir: Path, fp: str, mirror: Mirror | None) -> tuple[Checkpoint | None, str]:
+def move_aside(run_dir: Path, now: datetime, corrupt: Sequence[Path] = ()) -> Path | None:
+    """Move the run folder (if it holds any file) and checkpoints that arrived corrupt from the mirror (as
+    `remote-step-...`) into the aside copy `<fingerprint>.aside-<now>` beside it, the retention rule of `medasr train
+    --fresh`: never a fingerprint, so nothing resumes from it, and only the newest aside copy per fingerprint is kept.
+    Returns the aside copy, or None when there was nothing to move."""
+    aside = run_dir.with_name(aside_name(run_dir.name, now))
+    if run_dir.is_dir() and not any(p.is_file() for p in run_dir.rglob("*")):
+        shutil.rmtree(run_dir)  # empty folders only: nothing is lost
+    if not run_dir.exists() and not corrupt:
+        return None
+    if run_dir.exists():
+        run_dir.rename(aside)
+        log.info("moved %s aside to %s", run_dir, aside.name)
+    for folder in corrupt:
+        aside.mkdir(parents=True, exist_ok=True)
+        folder.rename(aside / f"remote-{folder.name}")
+    for older in sorted(d for d in run_dir.parent.glob(f"{run_dir.name}.*") if aside_of(d.name) == run_dir.name):
+        if older.name < aside.name:  # names sort by time: the newest stays
+            shutil.rmtree(older)
+    return aside
+
+
+def resume_point(
+    run_dir: Path, fp: str, mirror: Mirror | None, now: datetime | None = None
+) -> tuple[Checkpoint | None, str]:
     """Where this run starts: the newest valid local checkpoint, else the newest intact mirrored one, else fresh.
-    Returns it with its source: "local", "remote" or "none"."""
+    Returns it with its source: "local", "remote" or "none". Whatever the run folder held is moved aside (never
+    deleted) before a remote checkpoint or a fresh start takes its place, and only once every read succeeded."""
     found = find_resumable(run_dir, fp)
     if found is not None:
         return found, "local"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # nothing usable in it (all corrupt or incomplete)
-    found = restore_from_mirror(mirror, run_dir, fp) if mirror else None
-    return found, "remote" if found else "none"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    # downloads land beside the run folder first, so a failed read leaves the run folder as it was (a killed one
+    # leaves a temp folder that `medasr loop sweep` removes)
+    staging = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}.", suffix=".tmp"))
+    try:
+        found, corrupt = fetch_from_mirror(mirror, staging, fp) if mirror else (None, [])
+        move_aside(run_dir, now or datetime.now(UTC), corrupt)
+        if found is None:
+            return None, "none"
+        run_dir.mkdir()
+        found.path.rename(run_dir / found.path.name)
+        restored = Checkpoint(run_dir / found.path.name, found.step, found.meta)
+        copy_extras(restored.path, run_dir)
+        write_text_atomic(run_dir / LATEST, restored.path.name + "\n")
+        log.info("restored %s from DVC remote %r", restored.path.name, mirror.remote if mirror else None)
+        return restored, "remote"
+    except OSError as exc:  # this disk (full, failing): a retry may get further; nothing was deleted
+        raise StageError(f"could not set up {run_dir} to resume: {one_line(exc)}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # our own downloads: the remote keeps every checkpoint
 
 
 # Lightning's launcher starts ranks > 0 by re-running the command with rank 0's environment: rank 0 leaves what it
@@ -201,8 +267,9 @@ def set_aside(run_dir: Path, mirror: Mirror | None, now: datetime | None = None)
     then here, so a remote that cannot be reached stops the run before anything local moved (a half-fresh state
     would have the next pod resume what this machine set aside). Each side keeps its newest aside copy per
     fingerprint only. A run folder without a complete checkpoint (stopped before its first) holds nothing to resume:
-    it is deleted, as `resume_point` would, rather than replace the aside copy."""
-    name = aside_name(run_dir.name, now or datetime.now(UTC))
+    asked to start over, it is deleted rather than replace the aside copy."""
+    now = now or datetime.now(UTC)
+    name = aside_name(run_dir.name, now)
     if mirror is not None:
         try:
             moved = mirror.set_aside(name)
@@ -215,8 +282,31 @@ def set_aside(run_dir: Path, mirror: Mirror | None, now: datetime | None = None)
             log.info("moved the mirrored checkpoints of %s aside to %s on %r", run_dir.name, name, mirror.remote)
     if run_dir.is_dir() and not any((d / CHECKPOINT_META).is_file() for d in step_dirs(run_dir)):
         shutil.rmtree(run_dir)
-    if run_dir.is_dir():
-        run_dir.rename(run_dir.with_name(name))
-        log.info("moved %s aside to %s", run_dir, name)
-    for older in sorted(d for d in run_dir.parent.glob(f"{run_dir.name}.*") if aside_of(d.name) == run_dir.name)[:-1]:
-        shutil.rmtree(older)  # names sort by time: the newest stays
+    move_aside(run_dir, now)
+
+
+def prune_fingerprints(run_dir: Path, mirror: Mirror | None, keep: int) -> None:
+    """`train.keep_fingerprints`: besides this run's, the checkpoints of the `keep` - 1 fingerprints used last are
+    kept, here and on the mirror; other fingerprints' run folders and aside copies are deleted. Local last use: the
+    newest file in their folders. A failure is reported and training goes on; the next start tries again."""
+    root = run_dir.parent
+    try:
+        folders = [d for d in root.iterdir() if d.is_dir() and fingerprint_of(d.name)] if root.is_dir() else []
+        last_use: dict[str, float] = {}
+        for folder in folders:
+            owner = fingerprint_of(folder.name) or ""
+            when = max((p.lstat().st_mtime for p in folder.rglob("*")), default=folder.lstat().st_mtime)
+            last_use[owner] = max(last_use.get(owner, when), when)
+        stale = stale_fingerprints(last_use, run_dir.name, keep)
+        for folder in sorted(d for d in folders if fingerprint_of(d.name) in stale):
+            shutil.rmtree(folder)
+            log.info("deleted %s, a run older than the last %d (train.keep_fingerprints)", folder, keep)
+    except OSError as exc:
+        log.warning("could not prune the checkpoints of older runs in %s: %s", root, one_line(exc))
+    if mirror is None:
+        return
+    try:
+        for name in mirror.prune_fingerprints(keep):
+            log.info("deleted %s on DVC remote %r, a run older than the last %d", name, mirror.remote, keep)
+    except Exception as exc:
+        log.warning("could not prune older runs' checkpoints on DVC remote %r: %s", mirror.remote, one_line(exc))

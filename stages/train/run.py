@@ -6,8 +6,11 @@ git-ignored and not a DVC output, where `<fp>` fingerprints everything that deci
 
 Resume: on start, the newest complete checkpoint under the current fingerprint is used (a corrupt one is skipped
 with a warning, falling back to the previous one), else the newest intact one mirrored to the DVC remote; anything
-else starts fresh. A checkpoint restores weights, optimizer, LR schedule, step, RNG and the data position, so a
-resumed run ends with the same weights as an uninterrupted one (stages/train/checkpoints.py, callback.py, data.py).
+else starts fresh, with what the run folder held moved aside. A checkpoint that could not be read (disk or network
+error, after retries) fails the stage instead: the loop around it retries, never starting over. Checkpoints of
+fingerprints no longer trained are pruned to `train.keep_fingerprints` runs, here and on the remote. A checkpoint
+restores weights, optimizer, LR schedule, step, RNG and the data position, so a resumed run ends with the same
+weights as an uninterrupted one (stages/train/checkpoints.py, callback.py, data.py).
 
 Training runs through NeMo's DataModule + SALMDataset and a Lightning Trainer: CPU fp32 here, bf16 on GPUs, DDP
 over `train.devices` ranks (stages/train/config.py). Nothing is CUDA-specific, and every rank stays in the process
@@ -52,6 +55,7 @@ from stages.train.checkpoints import (
     fingerprint,
     hand_over,
     handed_over,
+    prune_fingerprints,
     rank_zero_checkpoint,
     resume_point,
     set_aside,
@@ -123,6 +127,7 @@ def run(
         if fresh:  # `--fresh`: this fingerprint's checkpoints, here and mirrored, moved aside
             set_aside(run_dir, mirror)
         resume, source = resume_point(run_dir, fp, mirror)
+        prune_fingerprints(run_dir, mirror, train.keep_fingerprints)  # only now: a failed restore prunes nothing
         run_dir.mkdir(parents=True, exist_ok=True)
         uploader = Uploader(mirror, train.keep_checkpoints) if mirror else None
         if world_size > 1:
