@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -77,3 +78,32 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# mkstemp/mkdtemp above name their temp entries `.<name>.<8 random chars>.tmp` (tempfile's random names use
+# a-z0-9_): a write killed mid-way leaves one behind, several GB for a checkpoint or the audio of a manifest.
+TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def _size(path: Path) -> int:
+    if path.is_symlink() or not path.is_dir():
+        return path.lstat().st_size
+    return sum(p.lstat().st_size for p in path.rglob("*"))
+
+
+def sweep_temps(roots: Iterable[Path]) -> tuple[int, int]:
+    """Delete the temp files and folders killed atomic writes left under `roots` (names matching TEMP_NAME, nothing
+    else); returns (entries removed, bytes freed). Only safe while nothing writes there."""
+    removed = freed = 0
+    for root in roots:
+        for top, dirs, files in os.walk(root):  # symlinks are not followed
+            for name in [d for d in dirs if TEMP_NAME.fullmatch(d)] + [f for f in files if TEMP_NAME.fullmatch(f)]:
+                path = Path(top) / name
+                size = _size(path)
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                    dirs.remove(name)
+                else:
+                    path.unlink()
+                removed, freed = removed + 1, freed + size
+    return removed, freed

@@ -20,7 +20,7 @@ from medasr import MedasrError
 from medasr import log as logs
 from medasr.params import Params, ParamsError, load_params
 from medasr.paths import MODEL_DIR
-from stages import cli_ops
+from stages import cli_loop, cli_ops
 
 app = typer.Typer(
     help="Medical speech fine-tuning pipeline for canary-qwen-2.5b. DVC calls one command per stage; "
@@ -32,17 +32,48 @@ app = typer.Typer(
 app.add_typer(cli_ops.remote_app, name="remote")
 app.add_typer(cli_ops.wandb_app, name="wandb")
 app.add_typer(cli_ops.pod_app, name="pod")
+app.add_typer(cli_loop.loop_app, name="loop", hidden=True)
 
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", "-p", help="Params file (relative to the working dir).")
 EXIT_BAD_PARAMS = cli_ops.EXIT_BAD_PARAMS
 EXIT_FAILED = cli_ops.EXIT_FAILED
 
 
+STAGE_COMMANDS = {"fetch", "subset", "manifest", "testsets", "train", "eval"}
+
+
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+def _main(ctx: typer.Context, verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
     # Variables already in the environment win over .env, so a pod's injected secrets are never shadowed.
     load_dotenv(Path.cwd() / ".env", override=False)
     logs.setup(verbose)
+    if ctx.invoked_subcommand in STAGE_COMMANDS:
+        _hold_stage_pidfile()
+
+
+def _hold_stage_pidfile() -> None:
+    """Write this process's pid to $MEDASR_STAGE_PIDFILE (runpod.sh sends its stop signals there, so they reach the
+    stage process, which stops its own data workers and ranks, and not those workers), removed at exit while it still
+    names this process. DDP ranks > 0, which Lightning's launcher starts by re-running this command, leave it alone."""
+    import atexit
+    import os
+
+    from medasr.files import write_text_atomic
+    from medasr.paths import STAGE_PIDFILE_ENV
+    from stages.train.checkpoints import RANK0_ENV
+
+    pidfile, pid = os.environ.get(STAGE_PIDFILE_ENV), str(os.getpid())
+    ranks = [os.environ.get(v) or "0" for v in ("LOCAL_RANK", "RANK")]
+    if not pidfile or RANK0_ENV in os.environ or ranks != ["0", "0"]:
+        return
+    write_text_atomic(pidfile, pid + "\n")
+
+    def release() -> None:
+        path = Path(pidfile)
+        if path.is_file() and path.read_text().strip() == pid:
+            path.unlink(missing_ok=True)
+
+    atexit.register(release)
 
 
 def _params(path: Path) -> Params:

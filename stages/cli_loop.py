@@ -1,0 +1,145 @@
+"""`medasr loop ...`: what runpod.sh asks between and during attempts on the pod (hidden: not for people). Each prints
+one line and exits 0 ok, 1 transient (retry later: the remote or the API could not be reached), 2 final (retrying
+cannot help: the lease is another pod's, the deadline or budget is reached). They run every few seconds, so none
+imports torch, NeMo or a stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import NoReturn
+
+import typer
+
+from medasr import MedasrError
+from medasr.paths import CHECKPOINT_ROOT
+
+EXIT_TRANSIENT = 1
+EXIT_FINAL = 2
+SWEPT_ROOTS = (Path("data"), Path("models"), Path("metrics"), CHECKPOINT_ROOT.parent)
+
+loop_app = typer.Typer(help="Pod-side helpers for runpod.sh.", no_args_is_help=True)
+lease_app = typer.Typer(help="The DVC remote's lease: one pod runs the pipeline.", no_args_is_help=True)
+loop_app.add_typer(lease_app, name="lease")
+
+
+def _fail(code: int, line: str) -> NoReturn:
+    typer.echo(line, err=True)
+    raise typer.Exit(code)
+
+
+def _one_line(exc: BaseException) -> str:
+    from medasr.secrets import one_line
+
+    return str(exc) if isinstance(exc, MedasrError) else one_line(exc)
+
+
+@loop_app.command()
+def beat(
+    heartbeat: Path = typer.Option(..., help="runpod.sh's heartbeat file (one JSON object)."),
+    lease: bool = typer.Option(False, "--lease", help="Also renew this loop's lease (exit 2 when it is lost)."),
+    run_id: str = typer.Option("default", envvar="MEDASR_RUN_ID"),
+) -> None:
+    """Publish the heartbeat, with the last complete checkpoint step added, as the run status on the DVC remote."""
+    from medasr.ops.lease import LeaseHeld, take_lease
+    from medasr.ops.podside import last_step
+    from medasr.ops.status import publish_status
+
+    try:
+        status = json.loads(heartbeat.read_text()) | {"step": last_step()}
+    except (OSError, ValueError, TypeError) as exc:  # runpod.sh rewrites it: try again at the next beat
+        _fail(EXIT_TRANSIENT, f"heartbeat {heartbeat} unreadable: {_one_line(exc)}")
+    lease_error = None
+    if lease:
+        try:
+            take_lease()
+        except LeaseHeld as held:  # the other pod owns the run status now: publish nothing over it
+            _fail(EXIT_FINAL, f"lease lost: held by pod {held.lease.get('pod') or '?'} (host {held.lease.get('host')})")
+        except Exception as exc:
+            lease_error = f"could not renew the lease: {_one_line(exc)}"
+    try:
+        with tempfile.TemporaryDirectory(prefix="medasr-beat-") as tmp:
+            (Path(tmp) / "status.json").write_text(json.dumps(status))
+            publish_status(Path(tmp) / "status.json", run_id)
+    except Exception as exc:
+        _fail(EXIT_TRANSIENT, f"could not publish the run status: {_one_line(exc)}")
+    if lease_error:
+        _fail(EXIT_TRANSIENT, lease_error)
+
+
+@lease_app.command("take")
+def lease_take() -> None:
+    """Take or renew the lease for this loop (MEDASR_LEASE_PID, runpod.sh's pid; RUNPOD_POD_ID). Exit 2 when another
+    live holder has it; an expired one, a former container's of this pod, or a gone process's here is reclaimed."""
+    from medasr.ops.lease import LeaseHeld, take_lease
+
+    try:
+        typer.echo(take_lease())
+    except LeaseHeld as held:
+        _fail(EXIT_FINAL, str(held))
+    except Exception as exc:  # unreadable is not free
+        _fail(EXIT_TRANSIENT, f"lease not taken: {_one_line(exc)}")
+
+
+@lease_app.command("release")
+def lease_release() -> None:
+    """Remove the lease when this loop holds it (another holder's is left alone)."""
+    from medasr.ops.lease import release_lease
+
+    try:
+        released = release_lease()
+    except Exception as exc:
+        _fail(EXIT_TRANSIENT, f"lease not released: {_one_line(exc)}")
+    typer.echo("lease released" if released else "lease not held by this loop: left as it is")
+
+
+@loop_app.command("stop-pod")
+def stop_pod() -> None:
+    """Stop this pod (RUNPOD_POD_ID): `runpodctl stop pod` with retries (MEDASR_STOP_RETRIES, MEDASR_STOP_BACKOFF_S),
+    then RunPod's REST API with retries. Exit 0 stopped (or not on a pod), 1 failed."""
+    from medasr.ops.podside import stop_pod as stop
+
+    stopped, line = stop(dict(os.environ))
+    if not stopped:
+        _fail(EXIT_TRANSIENT, line)
+    typer.echo(line)
+
+
+@loop_app.command()
+def budget() -> None:
+    """Exit 2 when this pod's deadline (MEDASR_DEADLINE_H) or budget (MEDASR_MAX_USD), counted from the pod's start,
+    is reached; off without RUNPOD_POD_ID or either setting."""
+    from medasr.ops.podside import check_budget
+
+    try:
+        code, line = check_budget(dict(os.environ))
+    except ValueError as exc:  # a limit that cannot be read must not let the pod run unbounded
+        _fail(EXIT_FINAL, str(exc))
+    if code:
+        _fail(code, line or "")
+    if line:
+        typer.echo(line)
+
+
+@loop_app.command()
+def progress() -> None:
+    """Print a token that changes whenever the run progressed (a newer checkpoint step, a finished stage)."""
+    from medasr.ops.podside import progress_token
+
+    typer.echo(progress_token())
+
+
+@loop_app.command()
+def sweep() -> None:
+    """Delete the temp files and folders killed atomic writes left under data/, models/, metrics/ and checkpoints/
+    (`.<name>.<random>.tmp`, nothing else). Refused (exit 1) while the stage in $MEDASR_STAGE_PIDFILE runs."""
+    from medasr.files import sweep_temps
+    from medasr.ops.podside import stage_running
+
+    if (pid := stage_running()) is not None:
+        _fail(EXIT_TRANSIENT, f"not sweeping: a stage runs (pid {pid})")
+    removed, freed = sweep_temps(SWEPT_ROOTS)
+    typer.echo(f"swept {removed} temp entries of killed writes, {freed / 1e9:.2f} GB freed" if removed else "no temps")
