@@ -102,14 +102,21 @@ def _api() -> Any:
     return _pod_call(RunPodAPI, os.environ.get("RUNPOD_API_KEY", ""))
 
 
-def _read_beat(run_id: str) -> dict | None:
-    from medasr.ops.status import read_status
+def _release_lease(pod_id: str) -> bool:
+    """Free the remote's lease when terminated pod `pod_id` holds it, so the next pod need not wait for its expiry."""
+    from medasr.ops.lease import release_lease
+
+    return release_lease(".", pod_id=pod_id)
+
+
+def _release_quietly(pod_id: str) -> bool:
+    from medasr.secrets import one_line
 
     try:
-        return read_status(run_id)
-    except Exception as exc:  # the remote may be briefly unreachable: the watcher goes on with the pod's status
-        typer.echo(f"warning: could not read the run status from the DVC remote: {type(exc).__name__}", err=True)
-        return None
+        return _release_lease(pod_id)
+    except Exception as exc:  # it expires by itself
+        typer.echo(f"warning: the remote's lease cannot be released ({one_line(exc)}); it expires by itself", err=True)
+        return False
 
 
 @pod_app.command("up")
@@ -129,14 +136,26 @@ def pod_up(
     The remote, W&B and HF settings and secrets are passed as pod env from this environment (or .env). Then run
     `medasr pod watch`.
     """
-    from medasr.ops.runpod import DEFAULT_GPUS, DEFAULT_IMAGE, LaunchState, PodSpec, create_payload, launch, redacted
-    from medasr.secrets import redact_url
+    from medasr.ops.pod_start import split_repo_url
+    from medasr.ops.podstate import LaunchState, clear_to_launch
+    from medasr.ops.runpod import (
+        DEFAULT_GPUS,
+        DEFAULT_IMAGE,
+        SETTINGS,
+        PodSpec,
+        create_payload,
+        launch,
+        redacted,
+        secret_values,
+    )
 
     environ = dict(os.environ)
     ref = git_ref or _git("rev-parse", "HEAD")
-    url = repo_url or _git("remote", "get-url", "origin")
+    url, token = split_repo_url(repo_url or environ.get("MEDASR_REPO_URL") or _git("remote", "get-url", "origin"))
+    if token:  # travels only as the pod's MEDASR_GIT_TOKEN: never in the state file or the pod's command
+        environ["MEDASR_GIT_TOKEN"] = token
     problems = []
-    if not url and not environ.get("MEDASR_REPO_URL"):
+    if not url:
         problems.append("no repo URL for the pod to clone: add a git remote `origin` or pass --repo-url")
     if not git_ref and ref and not _git("branch", "-r", "--contains", ref):
         problems.append(f"HEAD {ref[:12]} is on no remote branch, so the pod cannot check it out: push it first")
@@ -144,12 +163,9 @@ def pod_up(
         problems.append("MEDASR_S3_URL is not set: the pod's results, checkpoints and heartbeat need an S3 remote")
     if _git("status", "--porcelain", "--untracked-files=no"):
         typer.echo("warning: uncommitted changes stay here; the pod runs the committed state", err=True)
-    if url and redact_url(url) != url and not environ.get("MEDASR_REPO_URL"):
-        # a token in the URL: it travels only as pod env; put it in .env (MEDASR_REPO_URL) for `pod watch` too
-        environ["MEDASR_REPO_URL"] = url
     spec = PodSpec(
         name=name,
-        repo_url=redact_url(url),
+        repo_url=url,
         git_ref=ref,
         run_id=f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}",
         gpus=list(gpu or DEFAULT_GPUS),
@@ -157,6 +173,8 @@ def pod_up(
         disk_gb=disk_gb,
         volume_id=volume,
         data_centers=list(data_center or []),
+        env={k: environ[k] for k in SETTINGS if environ.get(k)},  # what a recreated pod gets too
+        secrets=sorted(secret_values(environ)),  # names only: `pod watch` needs them to recreate the pod
     )
     body = _pod_call(create_payload, spec, spec.gpus[0], environ)
     if dry_run:
@@ -169,30 +187,43 @@ def pod_up(
             typer.echo(f"error: {problem}", err=True)
         raise typer.Exit(EXIT_BAD_PARAMS)
     api = _api()
+    _pod_call(clear_to_launch, api, lambda line: typer.echo(line, err=True))
     pod = _pod_call(launch, api, spec, environ)
-    LaunchState(pod_id=pod["id"], spec=spec).save()
+    state = LaunchState(pod_id=pod["id"], spec=spec)
+    state.observe(pod["id"], pod, time.time())
+    state.save()
     typer.echo(f"pod {pod['id']} created ({pod.get('status', '?')}), run {spec.run_id}; next: `medasr pod watch`")
 
 
 @pod_app.command("status")
 def pod_status() -> None:
-    """The pod's state and cost, and the last heartbeat runpod.sh published."""
-    from medasr.ops.runpod import LaunchState
+    """The pod's state and cost, the last heartbeat runpod.sh published, and what every pod of the run has cost."""
+    from medasr.ops.podstate import LaunchState
+    from medasr.ops.status import read_status
+    from medasr.secrets import one_line
 
     state = _pod_call(LaunchState.load)
     pod = _pod_call(_api().get, state.pod_id)
+    state.observe(state.pod_id, pod, time.time())
+    state.save()
     if pod is None:
         typer.echo(f"pod {state.pod_id}: gone (terminated)")
     else:
         gpu = (pod.get("gpu") or {}).get("id", "?")
         typer.echo(f"pod {state.pod_id}: {pod.get('status')} on {gpu}, ${pod.get('cost', 0):.2f}/h")
-    beat = _read_beat(state.spec.run_id)
-    if beat:
-        age = time.time() - float(beat.get("time", 0))
-        typer.echo(f"run {state.spec.run_id}: {beat.get('state')} {beat.get('detail', '')} ({age:.0f}s ago)")
+    try:
+        found = read_status(state.spec.run_id)
+    except Exception as exc:
+        typer.echo(f"run {state.spec.run_id}: the heartbeat cannot be read ({one_line(exc)})")
     else:
-        typer.echo(f"run {state.spec.run_id}: no heartbeat published yet")
-    typer.echo(f"spent (as seen by `medasr pod watch`): ~${state.spent_usd:.2f}; recoveries: {state.recoveries}")
+        if found:  # its age by the remote's clock, the pod's never
+            beat, modified = found
+            age = f"published {time.time() - modified:.0f}s ago, pod {beat.get('pod') or '?'}"
+            typer.echo(f"run {state.spec.run_id}: {beat.get('state')} {beat.get('detail', '')} ({age})")
+        else:
+            typer.echo(f"run {state.spec.run_id}: no heartbeat published yet")
+    spent = f"~${state.spent_usd:.2f} by {len(state.pods)} pod(s) until last seen"
+    typer.echo(f"spent: {spent}; recoveries: {state.recoveries}")
 
 
 @pod_app.command("logs")
@@ -201,7 +232,7 @@ def pod_logs(
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming."),
 ) -> None:
     """The pod's container log (runpod.sh's own output) through RunPod's API."""
-    from medasr.ops.runpod import LaunchState
+    from medasr.ops.podstate import LaunchState
 
     state = _pod_call(LaunchState.load)
 
@@ -214,12 +245,20 @@ def pod_logs(
 
 @pod_app.command("down")
 def pod_down(terminate: bool = typer.Option(False, "--terminate", help="Delete it (network volume kept).")) -> None:
-    """Stop the pod (its volume and the remote keep everything), or terminate it."""
-    from medasr.ops.runpod import LaunchState
+    """Stop every pod of the run (its volume and the remote keep everything), or terminate them, each confirmed by
+    RunPod. Terminating also frees the remote's lease a pod of the run held, so `pod up` may start a new run."""
+    from medasr.ops.podstate import LaunchState
+    from medasr.ops.watch import WatchSettings, bring_down
 
     state = _pod_call(LaunchState.load)
-    _pod_call(_api().action, state.pod_id, "terminate" if terminate else "stop")
-    typer.echo(f"pod {state.pod_id}: {'terminated' if terminate else 'stopped'}")
+    api, action = _api(), "terminate" if terminate else "stop"
+    for pod_id in dict.fromkeys([*state.live(), state.pod_id]):
+        pod = _pod_call(bring_down, api, pod_id, action, WatchSettings(), time.sleep, typer.echo)
+        state.observe(pod_id, pod, time.time())
+        state.save()
+        typer.echo(f"pod {pod_id}: {'terminated' if pod is None or pod.get('status') == 'TERMINATED' else 'stopped'}")
+        if terminate and _release_quietly(pod_id):
+            typer.echo(f"released the remote's lease pod {pod_id} held")
 
 
 @pod_app.command("watch")
@@ -232,10 +271,19 @@ def pod_watch(
 ) -> None:
     """Keep the run alive until runpod.sh reports it finished: start a stopped pod, restart a silent one, recreate
     a lost one on the same network volume. Exits 0 when the pipeline finished, 1 when it gave up or hit a cap."""
-    from medasr.ops.runpod import LaunchState
+    from medasr import MedasrError
+    from medasr.ops.podstate import LaunchState
+    from medasr.ops.status import read_status
     from medasr.ops.watch import WatchSettings, watch
 
     state = _pod_call(LaunchState.load)
+    try:  # without the remote the watcher is blind: it never acts on a heartbeat it cannot read
+        read_status(state.spec.run_id)
+    except MedasrError as exc:  # no DVC repo here, or no default remote
+        typer.echo(f"error: the run status cannot be read: {exc}", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+    except Exception:  # e.g. the network: the watcher warns each poll until it can read it
+        pass
     settings = WatchSettings(
         max_usd=max_usd,
         poll_s=poll_s,
@@ -243,5 +291,6 @@ def pod_watch(
         max_recoveries=max_recoveries,
         backoff_base_s=backoff_base_s,
     )
-    code = _pod_call(watch, _api(), state, _read_beat, dict(os.environ), settings, say=typer.echo)
+    environ = dict(os.environ)
+    code = _pod_call(watch, _api(), state, read_status, environ, settings, say=typer.echo, release_lease=_release_lease)
     raise typer.Exit(code)

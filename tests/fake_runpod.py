@@ -1,7 +1,8 @@
 """RunPod's v2 pod API on 127.0.0.1, as its published OpenAPI document (medasr/resources/runpod-openapi-v2.json)
 describes it: bearer auth, every request body checked against the document's schema (422 with the errors, and
 recorded, when it does not match), and pods whose JSON matches the document's `Pod` schema. No traffic leaves the
-machine; the tests drive the pod lifecycle (a pod dies, a stopped pod's machine has no GPU left, ...).
+machine; the tests drive the pod lifecycle (a pod dies, a stopped pod's machine has no GPU left, ...) and inject
+faults (`fail`: the next k matching calls answer 502, with or without the server having acted).
 
 The fake reads the document and validates with `jsonschema` on its own, never through the client's code
 (medasr.ops.runpod.schema_errors): a bug there must not be able to hide a bad request from the server."""
@@ -43,6 +44,30 @@ def schema_errors(instance: Any, schema_name: str) -> list[str]:
     ]
 
 
+class Scenario:
+    """Fake time for the controller (`watch(clock=..., sleep=...)`): each poll's sleep (`poll_s`) advances the clock
+    and plays the next event; shorter sleeps (retries inside a poll) only advance the clock."""
+
+    def __init__(self, events, poll_s: float) -> None:
+        self.t, self.events, self.poll_s, self.polls = time.time(), list(events), poll_s, 0
+        self.said: list[tuple[float, str]] = []  # (time, line) the controller said, through `say`
+
+    def clock(self) -> float:
+        return self.t
+
+    def say(self, line: str) -> None:
+        self.said.append((self.t, line))
+
+    def sleep(self, seconds: float) -> None:
+        self.t += seconds
+        if seconds != self.poll_s:
+            return
+        self.polls += 1
+        if self.events:
+            self.events.pop(0)()
+        assert self.polls < 50, "the controller never finished"
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -56,6 +81,9 @@ class FakeRunPod:
         self.unavailable_gpus: set[str] = set()
         self.no_gpu_left: set[str] = set()  # pods whose machine has no free GPU to start them again
         self.log_lines = ["[runpod.sh] attempt 1", "[runpod.sh] pipeline finished"]
+        self.faults: list[dict[str, Any]] = []
+        self.max_alive = 0  # the most pods not TERMINATED at once, after any call
+        self._lock = threading.Lock()
         self._ids = (f"pod{n:04d}" for n in itertools.count(1))
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -73,6 +101,30 @@ class FakeRunPod:
 
     def bodies(self, method: str, path_pattern: str) -> list[Any]:
         return [b for m, p, b in self.requests if m == method and re.fullmatch(path_pattern, p)]
+
+    def fail(
+        self, method: str, path_pattern: str, times: int, status: int = 502, action: str | None = None, acted=False
+    ) -> None:
+        """The next `times` calls of `method` on a path matching `path_pattern` (and, for pod actions, `action`)
+        answer `status`. `acted`: the server did the work first and only the answer was lost (a gateway timeout)."""
+        pattern = re.compile(path_pattern)
+        self.faults.append({"method": method, "path": pattern, "times": times, "status": status, "action": action})
+        self.faults[-1]["acted"] = acted
+
+    def alive(self) -> list[str]:
+        return [i for i, pod in self.pods.items() if pod["status"] != "TERMINATED"]
+
+    def _fault(self, method: str, path: str, body: Any) -> dict[str, Any] | None:
+        for fault in self.faults:
+            if (
+                fault["times"] > 0
+                and fault["method"] == method
+                and fault["path"].fullmatch(path)
+                and fault["action"] in (None, (body or {}).get("action"))
+            ):
+                fault["times"] -= 1
+                return fault
+        return None
 
     # --- the API -------------------------------------------------------------------------------------------------
     def _pod(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -107,7 +159,19 @@ class FakeRunPod:
     def handle(self, method: str, path: str, headers: Any, body: Any) -> tuple[int, Any]:
         if headers.get("Authorization") != f"Bearer {self.api_key}":
             return 401, {"title": "Unauthorized", "status": 401, "detail": "invalid bearer token"}
-        self.requests.append((method, path, body))
+        with self._lock:
+            self.requests.append((method, path, body))
+            fault = self._fault(method, path, body)
+            answer = self._answer(method, path, body) if fault is None or fault["acted"] else None
+            self.max_alive = max(self.max_alive, len(self.alive()))
+        if fault is not None:
+            return fault["status"], {"title": "Bad Gateway", "status": fault["status"], "detail": "upstream failed"}
+        assert answer is not None
+        return answer
+
+    def _answer(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+        if method == "GET" and path == "/v2/pods":
+            return 200, {"pods": [self.pods[i] for i in self.alive()]}
         if method == "POST" and path == "/v2/pods":
             if errors := schema_errors(body, "CreatePodRequest"):
                 self.schema_violations += errors

@@ -11,11 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-from fake_runpod import FakeRunPod
+from fake_runpod import FakeRunPod, Scenario
 from fake_runpod import schema_errors as independent_schema_errors
 from helpers import git, run_env, scratch_clone
 
-from medasr.ops.runpod import LaunchState, PodError, PodSpec, RunPodAPI, create_payload, redacted
+from medasr.ops.podstate import LaunchState
+from medasr.ops.runpod import PodError, PodSpec, RunPodAPI, create_payload, redacted
 from medasr.ops.status import publish_status, read_status
 from medasr.ops.watch import WatchSettings, decide, watch
 
@@ -42,9 +43,13 @@ def test_the_create_request_matches_runpods_schema_and_is_shown_without_secrets(
     shown = json.dumps(redacted(body))
     assert all(value not in shown for value in SECRETS.values())
 
-    local = create_payload(spec(), "NVIDIA H100 PCIe", ENV | {"MEDASR_REPO_URL": "https://u:tok@github.com/a/b"})
+    # a token in MEDASR_REPO_URL (.env) reaches the pod as MEDASR_GIT_TOKEN only, and is never shown
+    token_url = "https://u:planted-git-token@github.com/a/b"
+    local = create_payload(spec(), "NVIDIA H100 PCIe", ENV | {"MEDASR_REPO_URL": token_url})
     assert local["mounts"] == {"persistent": {"size": 100, "path": "/workspace"}}
-    assert "tok" not in json.dumps(redacted(local))
+    assert local["env"]["MEDASR_GIT_TOKEN"] == "planted-git-token"
+    assert local["env"]["MEDASR_REPO_URL"] == spec().repo_url and "planted-git-token" not in local["args"]
+    assert "planted-git-token" not in json.dumps(redacted(local))
 
     with pytest.raises(PodError) as bad:
         create_payload(spec(gpu_count=0, disk_gb=0), "NVIDIA H100 PCIe", ENV)
@@ -52,17 +57,14 @@ def test_the_create_request_matches_runpods_schema_and_is_shown_without_secrets(
 
 
 def test_decide_what_to_do_about_an_unfinished_run():
-    now = time.time()
-    running = {"id": "p1", "status": "RUNNING", "startedAt": "2020-01-01T00:00:00Z"}
-    fresh = {"time": now - 10, "state": "running", "pod": "p1"}
-    assert decide(running, fresh, now, 600) == "wait"
-    assert decide(running, {"time": now - 10, "state": "running", "pod": "p0"}, now, 600) == "restart"  # old pod's
-    assert decide(running, None, now, 600) == "restart"
-    assert decide(running | {"startedAt": None}, None, now, 600) == "wait"  # just started: give it time
-    assert decide({"id": "p1", "status": "EXITED"}, fresh, now, 600) == "start"
-    assert decide({"id": "p1", "status": "STARTING"}, None, now, 600) == "wait"
-    assert decide({"id": "p1", "status": "ERROR"}, fresh, now, 600) == "recreate"
-    assert decide(None, fresh, now, 600) == "recreate"
+    running = {"id": "p1", "status": "RUNNING"}
+    assert decide(running, 10, 600) == "wait"  # the heartbeat changed 10 s ago (this machine's clock)
+    assert decide(running, 601, 600) == "restart"
+    assert decide({"id": "p1", "status": "EXITED"}, 0, 600) == "start"
+    assert decide({"id": "p1", "status": "STARTING"}, 9999, 600) == "wait"
+    assert decide({"id": "p1", "status": "ERROR"}, 0, 600) == "recreate"
+    assert decide({"id": "p1", "status": "TERMINATED"}, 0, 600) == "recreate"
+    assert decide(None, 0, 600) == "recreate"
 
 
 @pytest.fixture
@@ -118,23 +120,6 @@ def beat(repo: Path, state: str, pod: str, detail: str = "", age_s: float = 0) -
     publish_status(logs / "heartbeat", "r1", repo)
 
 
-class Scenario:
-    """Fake time for the controller: each poll's sleep advances the clock and plays the next event."""
-
-    def __init__(self, events) -> None:
-        self.t, self.events, self.polls = time.time(), list(events), 0
-
-    def clock(self) -> float:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.polls += 1
-        self.t += seconds
-        if self.events:
-            self.events.pop(0)()
-        assert self.polls < 50, "the controller never finished"
-
-
 def test_watch_recovers_a_stopped_pod_and_a_silent_one_then_stops_when_the_pipeline_finishes(fake, dvc_repo):
     api = RunPodAPI(KEY, base_url=fake.url)
     first = api.create(create_payload(spec(volume_id="vol123"), "NVIDIA A100-SXM4-40GB", ENV))["id"]
@@ -148,7 +133,10 @@ def test_watch_recovers_a_stopped_pod_and_a_silent_one_then_stops_when_the_pipel
     def silent():  # the new pod runs, but its loop never reports (hung): past stale_after, restart it
         scenario.t += 400
 
-    scenario = Scenario([lambda: None, interrupted, lambda: None, silent, lambda: beat(dvc_repo, "done", "x")])
+    def finished():
+        beat(dvc_repo, "done", state.pod_id)
+
+    scenario = Scenario([lambda: None, interrupted, lambda: None, silent, finished], poll_s=30)
     said: list[str] = []
     settings = WatchSettings(max_usd=100, poll_s=30, stale_after_s=300, backoff_base_s=0)
     read = lambda run_id: read_status(run_id, dvc_repo)  # noqa: E731
@@ -171,7 +159,7 @@ def test_watch_stops_the_pod_at_the_spending_cap(fake, dvc_repo):
     api = RunPodAPI(KEY, base_url=fake.url)
     fake.cost_per_hour = 3600.0  # $1 per second
     pod = api.create(create_payload(spec(), "NVIDIA H100 PCIe", ENV))["id"]
-    scenario = Scenario([])
+    scenario = Scenario([], poll_s=2)
     said: list[str] = []
     settings = WatchSettings(max_usd=5, poll_s=2)
     state = LaunchState(pod, spec())
@@ -246,7 +234,7 @@ def test_watch_keeps_trying_when_no_gpu_can_be_placed_for_a_while(fake, dvc_repo
     def capacity_back():
         fake.unavailable_gpus = set()
 
-    scenario = Scenario([capacity_back, lambda: None, lambda: beat(dvc_repo, "done", "x")])
+    scenario = Scenario([capacity_back, lambda: None, lambda: beat(dvc_repo, "done", state.pod_id)], poll_s=60)
     said: list[str] = []
     state = LaunchState(pod, spec())
     read = lambda run_id: read_status(run_id, dvc_repo)  # noqa: E731

@@ -6,7 +6,7 @@ RunPod's REST API v2. Every request body is validated, before it is sent, agains
 document kept in `medasr/resources/runpod-openapi-v2.json` (source: github.com/runpod/docs,
 `api-reference-v2/openapi.json` at commit 098c7fb0, 2026-08-18, "Frontdoor v2.9.0"; copied 2026-11-21).
 Secrets travel only in the create request's `env` (that is how a pod gets them); they are never printed, logged or
-written to the state file.
+written to the state file (medasr/ops/podstate.py), which keeps the pod's other settings.
 """
 
 from __future__ import annotations
@@ -14,17 +14,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from medasr import MedasrError
-from medasr.files import write_json_atomic
 from medasr.log import get_logger
-from medasr.ops.pod_start import START_SCRIPT
-from medasr.paths import POD_STATE
+from medasr.ops.pod_start import START_SCRIPT, split_repo_url
 from medasr.secrets import FORWARDED_SECRETS, REDACTED, SECRETS, redact_url
 
 log = get_logger(__name__)
@@ -50,11 +47,28 @@ FORWARDED_ENV = (
     "MEDASR_HUNG_AFTER_S",
     "MEDASR_ON_SUCCESS",
     "MEDASR_GIT_PUSH",
+    "MEDASR_DEADLINE_H",
+    "MEDASR_MAX_USD",
+    "MEDASR_MAX_STALLED_ATTEMPTS",
+    "MEDASR_LEASE_TTL_S",
+    "MEDASR_STATUS_EVERY_S",
+    "MEDASR_STOP_MARGIN_S",
 )
+SETTINGS = tuple(k for k in FORWARDED_ENV if k not in FORWARDED_SECRETS)  # stored in the state file's spec
+STOPPED = ("EXITED", "TERMINATED")  # RunPod bills no compute for these (`cost` 0.0); every other status may bill
 
 
 class PodError(MedasrError):
     """A RunPod API call failed, or the pod cannot be managed as asked. The message never holds a secret."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status RunPod answered; None: unreachable, or no call at all
+
+
+def transient(exc: PodError) -> bool:
+    """Worth the same call again later (RunPod's API document: 429 and 5xx), unlike a 4xx answer."""
+    return exc.status is None or exc.status == 429 or exc.status >= 500
 
 
 # --- the published schema -----------------------------------------------------------------------------------------
@@ -91,16 +105,42 @@ class PodSpec:
     volume_gb: int = 100  # host-local volume when there is no network volume
     cloud: str = "SECURE"
     data_centers: list[str] = field(default_factory=list)
+    # The forwarded settings `pod up` sent (SETTINGS, no secrets) and the names of the secrets it sent: a recreated
+    # pod gets the same. None in a state file written before they were kept: then this environment's settings.
+    env: dict[str, str] | None = None
+    secrets: list[str] | None = None
+
+
+def secret_values(environ: dict[str, str]) -> dict[str, str]:
+    """The secrets a pod gets from this environment; a token in MEDASR_REPO_URL counts as MEDASR_GIT_TOKEN."""
+    found = {k: environ[k] for k in FORWARDED_SECRETS if environ.get(k)}
+    token = split_repo_url(environ.get("MEDASR_REPO_URL", ""))[1]
+    return ({"MEDASR_GIT_TOKEN": token} if token else {}) | found
 
 
 def pod_env(spec: PodSpec, environ: dict[str, str]) -> dict[str, str]:
-    env = {k: environ[k] for k in FORWARDED_ENV if environ.get(k)}
-    env |= {
-        "MEDASR_REPO_URL": environ.get("MEDASR_REPO_URL") or spec.repo_url,
-        "MEDASR_GIT_REF": spec.git_ref,
-        "MEDASR_RUN_ID": spec.run_id,
-    }
-    return env
+    settings = spec.env if spec.env is not None else {k: environ[k] for k in SETTINGS if environ.get(k)}
+    return (
+        settings
+        | secret_values(environ)
+        | {
+            "MEDASR_REPO_URL": spec.repo_url,
+            "MEDASR_GIT_REF": spec.git_ref,
+            "MEDASR_RUN_ID": spec.run_id,
+        }
+    )
+
+
+def check_recreate(spec: PodSpec, environ: dict[str, str]) -> None:
+    """A recreated pod must get what the first one got: PodError naming the first variable this environment lacks
+    (never its value). Settings come from the state file; secrets only from the environment."""
+    settings = spec.env if spec.env is not None else environ
+    if not settings.get("MEDASR_S3_URL"):
+        raise PodError("cannot recreate the pod: MEDASR_S3_URL is not set (it would get an empty local remote)")
+    have = secret_values(environ)
+    for name in spec.secrets or ():
+        if name not in have:
+            raise PodError(f"cannot recreate the pod: {name} is not set here (environment or .env); the first had it")
 
 
 def create_payload(spec: PodSpec, gpu: str, environ: dict[str, str]) -> dict[str, Any]:
@@ -167,7 +207,8 @@ class RunPodAPI:
                 detail = f"{problem.get('title', '')}: {problem.get('detail', '')} {problem.get('errors') or ''}"
             except ValueError:
                 detail = response.text[:300]
-            raise PodError(f"RunPod API {method} {path} -> {response.status_code} {detail.strip()}")
+            code = response.status_code
+            raise PodError(f"RunPod API {method} {path} -> {code} {detail.strip()}", code)
         return response.json() if response.content else {}
 
     def create(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -177,12 +218,19 @@ class RunPodAPI:
         """The pod, or None when RunPod no longer knows it (terminated)."""
         return self._call("GET", f"/v2/pods/{pod_id}")
 
+    def find(self, run_id: str) -> dict[str, Any] | None:
+        """A pod of run `run_id` that is not terminated, if RunPod lists one."""
+        for pod in (self._call("GET", "/v2/pods") or {}).get("pods", []):
+            if (pod.get("env") or {}).get("MEDASR_RUN_ID") == run_id and pod.get("status") != "TERMINATED":
+                return pod
+        return None
+
     def action(self, pod_id: str, action: str) -> None:
         body = {"action": action}
         if problems := schema_errors(body, "PodActionRequest"):
             raise PodError("; ".join(problems))
         if self._call("POST", f"/v2/pods/{pod_id}/action", body) is None:
-            raise PodError(f"pod {pod_id} not found")
+            raise PodError(f"pod {pod_id} not found", 404)
 
     def logs(self, pod_id: str, tail: int, follow: bool, idle_s: float = 5.0) -> Iterator[str]:
         """Log lines (Server-Sent Events). Without `follow`, stops once the backfill has gone quiet for `idle_s`."""
@@ -208,7 +256,11 @@ def refused(exc: PodError) -> bool:
 
 
 def launch(api: RunPodAPI, spec: PodSpec, environ: dict[str, str]) -> dict[str, Any]:
-    """Create the pod on the first GPU type in `spec.gpus` that RunPod can place."""
+    """Create the pod on the first GPU type in `spec.gpus` that RunPod can place. A create answered with a 5xx or
+    not at all may have made the pod all the same: a pod of this run that RunPod lists is taken, never a second."""
+    if pod := api.find(spec.run_id):
+        log.info("pod %s of run %s exists already: taking it", pod["id"], spec.run_id)
+        return pod
     failures = []
     for gpu in spec.gpus:
         body = create_payload(spec, gpu, environ)
@@ -217,29 +269,11 @@ def launch(api: RunPodAPI, spec: PodSpec, environ: dict[str, str]) -> dict[str, 
         except PodError as exc:
             if refused(exc):
                 raise
+            if transient(exc) and (made := api.find(spec.run_id)):
+                return made
             failures.append(f"{gpu}: {exc}")
             log.warning("could not create a pod on %s: %s", gpu, exc)
             continue
         log.info("created pod %s on %s", pod["id"], gpu)
         return pod
     raise PodError("no GPU type could be placed:\n  " + "\n  ".join(failures))
-
-
-# --- state kept on this machine -------------------------------------------------------------------------------------
-@dataclass
-class LaunchState:
-    pod_id: str
-    spec: PodSpec
-    spent_usd: float = 0.0
-    recoveries: int = 0
-
-    def save(self, path: Path = POD_STATE) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, asdict(self))
-
-    @classmethod
-    def load(cls, path: Path = POD_STATE) -> LaunchState:
-        if not path.is_file():
-            raise PodError(f"no pod launched from this checkout ({path} missing): run `medasr pod up` first")
-        data = json.loads(path.read_text())
-        return cls(**(data | {"spec": PodSpec(**data["spec"])}))

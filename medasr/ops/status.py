@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from medasr import MedasrError
+from medasr.ops.lease import modified_time
 from medasr.ops.remote import default_remote
 from medasr.paths import REMOTE_STATUS, STATUS_FILE
 
@@ -15,7 +17,7 @@ def _status_file(run_id: str, repo_root: Path | str) -> tuple[Any, str]:
     """The default remote's filesystem and the path of `run_id`'s status file on it."""
     remote = default_remote(repo_root)
     if remote is None:
-        raise RuntimeError("no default DVC remote: run `medasr remote setup` (with the pod's MEDASR_S3_URL)")
+        raise MedasrError("no default DVC remote: run `medasr remote setup` (with the pod's MEDASR_S3_URL)")
     return remote.fs, str(remote.fs.join(remote.path, REMOTE_STATUS, run_id, STATUS_FILE))
 
 
@@ -26,10 +28,17 @@ def publish_status(heartbeat: Path, run_id: str, repo_root: Path | str = ".") ->
     fs.put_file(str(heartbeat), target)
 
 
-def read_status(run_id: str, repo_root: Path | str = ".") -> dict[str, Any] | None:
-    """The last status runpod.sh published for `run_id`, or None before the first."""
+def read_status(run_id: str, repo_root: Path | str = ".") -> tuple[dict[str, Any], float] | None:
+    """(beat, modified): the last status published for `run_id` and the remote object's modification time (epoch s,
+    the store's clock), or None before the first. Any other error raises (network, credentials, a garbled object):
+    an unreadable heartbeat is not silence."""
     fs, target = _status_file(run_id, repo_root)
     try:
-        return json.loads(fs.cat_file(target))
+        text = fs.cat_file(target)
+        modified = modified_time(fs.info(target, refresh=True))
     except FileNotFoundError:
         return None
+    beat = json.loads(text)
+    if not isinstance(beat, dict):
+        raise ValueError(f"the run status is not a JSON object: {str(beat)[:80]}")
+    return beat, modified
