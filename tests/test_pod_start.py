@@ -19,10 +19,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from fake_runpod import FakeRunPod
 from helpers import git
 
 from medasr.ops.pod_start import START_SCRIPT, split_repo_url
-from medasr.ops.runpod import PodSpec, create_payload, redacted
+from medasr.ops.runpod import API_URL, PodSpec, RunPodAPI, create_payload, redacted
 from medasr.secrets import redact_url
 
 TOKEN = "planted-git-token-5f3a"
@@ -71,9 +72,11 @@ def pod(tmp_path, origin):
     (bin_dir / "runpodctl").write_text(
         f'#!/bin/sh\necho "$*" >> {tmp_path}/runpodctl.calls\n[ -z "${{RUNPODCTL_FAILS:-}}" ]\n'
     )
-    # a git that kills the start script's whole process group when asked to check out, if KILL_AT_CHECKOUT is set
+    # a git that kills the start script's whole process group when asked to check out, if KILL_AT_CHECKOUT is set,
+    # and fails (as a network blip would) when its arguments hold FAIL_GIT
     (bin_dir / "git").write_text(
         f'#!/bin/sh\ncase " $* " in *" checkout "*) [ -n "${{KILL_AT_CHECKOUT:-}}" ] && kill -9 0;; esac\n'
+        f'[ -n "${{FAIL_GIT:-}}" ] && case " $* " in *" $FAIL_GIT "*) exit 1;; esac\n'
         f'exec {shutil.which("git")} "$@"\n'
     )
     for tool in bin_dir.iterdir():
@@ -96,13 +99,13 @@ def pod(tmp_path, origin):
         checkout = ws / "medasr"
         calls = tmp_path / "runpodctl.calls"
 
-        def start(self, ref: str, **extra: str) -> subprocess.CompletedProcess:
+        def start(self, ref: str, timeout_s: float = 60, **extra: str) -> subprocess.CompletedProcess:
             return subprocess.run(
                 start_command(),
                 env=env | {"MEDASR_GIT_REF": ref} | extra,
                 capture_output=True,
                 text=True,
-                timeout=60,
+                timeout=timeout_s,
                 start_new_session=True,  # KILL_AT_CHECKOUT kills its process group, not pytest's
             )
 
@@ -155,6 +158,57 @@ def test_checkout_at_another_ref_moves_to_the_launched_one(pod, origin):
 def test_checkout_follows_a_branch_name_to_its_current_tip(pod, origin):
     assert ran_at(pod.start(origin["A"])) == origin["A"]
     assert ran_at(pod.start("main")) == origin["B"]
+    (pod.checkout / "dvc.lock").write_text("stages finished by the run\n")
+    assert ran_at(pod.start("main")) == origin["B"]  # the tip is where the checkout is: the run's dvc.lock stays
+    assert (pod.checkout / "dvc.lock").read_text() == "stages finished by the run\n"
+
+
+def test_a_restart_at_the_launched_commit_needs_no_origin_and_keeps_the_runs_dvc_lock(pod, origin):
+    assert ran_at(pod.start(origin["B"])) == origin["B"]
+    (pod.checkout / "dvc.lock").write_text("stages finished by the run\n")
+    assert ran_at(pod.start(origin["B"])) == origin["B"]
+    assert (pod.checkout / "dvc.lock").read_text() == "stages finished by the run\n"
+
+    result = pod.start(origin["B"], timeout_s=20, MEDASR_REPO_URL=f"file://{pod.ws}/missing.git")  # a GitHub blip
+
+    assert ran_at(result) == origin["B"] == pod.head() and result.stderr == ""
+    assert (pod.checkout / "dvc.lock").read_text() == "stages finished by the run\n"
+
+
+def test_a_branch_launch_goes_on_with_the_checkout_when_origin_cannot_be_reached(pod, origin):
+    assert ran_at(pod.start(origin["A"])) == origin["A"]
+    missing = f"file://{pod.ws}/missing.git"
+    result = pod.start("main", timeout_s=20, MEDASR_REPO_URL=missing)
+    assert ran_at(result) == origin["A"]
+    ours = [line for line in result.stderr.splitlines() if line.startswith("medasr start:")]
+    assert ours == [f"medasr start: cannot fetch main from {missing}: going on with the checkout at {origin['A']}"]
+
+
+@pytest.mark.parametrize("ref", ["main", "B"])
+def test_a_ref_resolves_to_what_origin_has_never_a_stale_local_branch(pod, origin, ref):
+    ref = origin.get(ref, ref)
+    assert ran_at(pod.start(origin["A"])) == origin["A"]
+    git(pod.checkout, "branch", "-f", "main", origin["A"])  # what a clone made while main was at A left behind
+    # the fetch of the ref itself fails (a blip right after the fetch of every branch succeeded)
+    assert ran_at(pod.start(ref, FAIL_GIT=f"fetch -q origin {ref}")) == origin["B"] == pod.head()
+
+
+@pytest.mark.parametrize(
+    "lock", ["refs/remotes/origin/main.lock", "index.lock", "HEAD.lock", "config.lock", "packed-refs.lock"]
+)
+def test_git_locks_left_by_a_killed_git_are_removed(pod, origin, lock):
+    assert ran_at(pod.start(origin["A"])) == origin["A"]
+    (pod.checkout / "data").mkdir()
+    (pod.checkout / "data" / "keep").write_text("kept")
+    git(pod.checkout, "update-ref", "refs/remotes/origin/main", origin["A"])  # origin moved on: the fetch updates it
+    (pod.checkout / ".git" / lock).parent.mkdir(parents=True, exist_ok=True)
+    (pod.checkout / ".git" / lock).write_text("")
+
+    result = pod.start(origin["B"], timeout_s=20)
+
+    assert ran_at(result) == origin["B"] == pod.head()
+    assert not list(pod.ws.glob("medasr.aside.*")) and (pod.checkout / "data" / "keep").read_text() == "kept"
+    assert not (pod.checkout / ".git" / lock).exists()
 
 
 def _no_head(pod, origin) -> None:
@@ -234,29 +288,86 @@ def _unreachable(pod, origin) -> str:
     return f"file://{pod.ws}/missing.git"
 
 
+def _at_a_unreachable(pod, origin) -> str:
+    pod.start(origin["A"])
+    return _unreachable(pod, origin)
+
+
 @pytest.mark.parametrize(
     ("volume", "ref", "line"),
     [
         (_fresh, "no-such-ref", "git ref no-such-ref does not exist in "),
         (_at_a, "no-such-ref", "git ref no-such-ref does not exist in "),
         (_unreachable, "main", "cannot clone file://"),
+        (_at_a_unreachable, "B", "cannot fetch from file://"),
     ],
-    ids=["unknown ref, empty volume", "unknown ref, checkout at A", "unreachable repo"],
+    ids=["unknown ref, empty volume", "unknown ref, checkout at A", "unreachable repo", "another commit, unreachable"],
 )
 def test_a_start_that_cannot_succeed_says_why_stops_the_pod_and_sleeps(pod, origin, volume, ref, line):
-    url = volume(pod, origin)
+    url, ref = volume(pod, origin), origin.get(ref, ref)
     stderr = sleeps_after_stopping(pod.popen(ref, MEDASR_REPO_URL=url), pod.calls, stops=1).splitlines()
     ours = [text for text in stderr if text.startswith("medasr start:")]
     assert len(ours) == 1 and ours[0].startswith(f"medasr start: {line}"), stderr
-    if volume is not _unreachable:
+    if volume not in (_unreachable, _at_a_unreachable):
         assert ours == stderr  # nothing else: one clear line
-    if volume is _at_a:
+    if volume in (_at_a, _at_a_unreachable):
         assert pod.head() == origin["A"]  # a good checkout stays where it was
 
 
 def test_a_failing_stop_is_retried_then_the_script_sleeps(pod, origin):
     stderr = sleeps_after_stopping(pod.popen("no-such-ref", RUNPODCTL_FAILS="1"), pod.calls, stops=3)
-    assert stderr.splitlines()[-1].startswith("medasr start: runpodctl stop pod failed")
+    assert stderr.splitlines()[-1].startswith("medasr start: cannot stop the pod (runpodctl, RunPod API): sleeping")
+
+
+@pytest.mark.parametrize("runpodctl", ["fails", "missing"])
+def test_a_pod_runpodctl_cannot_stop_is_stopped_through_the_api_the_key_never_in_argv(pod, tmp_path, runpodctl):
+    # the same call as RunPodAPI.action(pod, "stop"): its base URL, path and body (the fake checks the body against
+    # RunPod's schema and the bearer key)
+    assert f"${{MEDASR_RUNPOD_API_URL:-{API_URL}}}" in START_SCRIPT
+    key = "planted-runpod-key-9c1e"
+    fake = FakeRunPod(key)
+    snapshots: list[str] = []
+    served = fake.handle
+
+    def handle(*args):
+        snapshots.append(ps())  # while curl waits for the answer
+        return served(*args)
+
+    fake.handle = handle  # type: ignore[method-assign]
+    running = True
+
+    def poll() -> None:
+        while running:
+            snapshots.append(ps())
+
+    poller = threading.Thread(target=poll)
+    try:
+        spec = PodSpec(name="t", repo_url="https://example.invalid/r.git", git_ref="0" * 40, run_id="r")
+        pod_id = RunPodAPI(key, fake.url).create(create_payload(spec, "NVIDIA A100-SXM4-40GB", {}))["id"]
+        fake.fail("POST", r"/v2/pods/[^/]+/action", times=1)  # the first call is lost: retried
+        if runpodctl == "missing":
+            (tmp_path / "bin" / "runpodctl").unlink()
+        env = {"RUNPOD_POD_ID": pod_id, "RUNPOD_API_KEY": key, "MEDASR_RUNPOD_API_URL": fake.url}
+        poller.start()
+        proc = pod.popen("no-such-ref", RUNPODCTL_FAILS="1", **env)
+        cmdline = Path(f"/proc/{proc.pid}/cmdline")
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and cmdline.read_bytes() != SLEEP and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None and cmdline.read_bytes() == SLEEP, proc.communicate() if proc.poll() else ""
+        os.killpg(proc.pid, signal.SIGKILL)
+        stderr = proc.communicate()[1]
+    finally:
+        running = False
+        if poller.is_alive():
+            poller.join()
+        fake.close()
+
+    assert fake.pods[pod_id]["status"] == "EXITED", stderr
+    assert fake.bodies("POST", rf"/v2/pods/{pod_id}/action") == [{"action": "stop"}] * 2 and not fake.schema_violations
+    assert "bills" not in stderr
+    assert any(line.startswith("curl ") for snap in snapshots for line in snap.splitlines())  # saw curl at work
+    assert not [line for snap in snapshots for line in snap.splitlines() if key in line]
 
 
 # --- the token ----------------------------------------------------------------------------------------------------

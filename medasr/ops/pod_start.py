@@ -3,12 +3,18 @@
 RunPod runs it as the container's start command (`bash -c '<START_SCRIPT>'`), so it holds no single quote and no
 newline. Whatever the volume holds, the checkout ends at $MEDASR_GIT_REF or the pod stops with one line saying why:
 - no checkout: clone into `.medasr.clone`, then rename it, so a killed clone never leaves a `medasr/.git`;
+- git's lock files left by a git killed with its container are removed first: nothing else runs git at this point;
+- a checkout already at the launched commit (MEDASR_GIT_REF is a full sha from `pod up`): no fetch (a restart needs
+  no network) and no forced checkout, so the run's own dvc.lock stays (a plain one still completes a work tree
+  that a killed clone never wrote);
 - a checkout at another ref: fetch, then check out the ref detached; edits to tracked files (dvc.lock) give way,
-  untracked and ignored outputs (data/, checkpoints/) stay;
+  untracked and ignored outputs (data/, checkpoints/) stay. A branch or tag name resolves to what origin has (never
+  a stale local branch); when origin cannot be reached for a name, the checkout goes on where it is, with a warning;
 - something that is not a usable checkout (no HEAD, a half clone, a plain folder, a broken checkout): moved aside
   to `medasr.aside.<time>.<pid>`, never deleted, then cloned again;
 - an unknown ref, or a repo that cannot be reached after retries: one line, then the pod is stopped
-  (`runpodctl stop pod`) and the script sleeps: exiting would put the container into RunPod's restart loop.
+  (`runpodctl stop pod`, else RunPod's REST API with curl, as medasr.ops.runpod.RunPodAPI.action calls it, the key
+  read by curl from stdin) and the script sleeps: exiting would put the container into RunPod's restart loop.
 The git token (MEDASR_GIT_TOKEN, or the user:token@ of a URL, split off first) reaches git only through a
 credential helper given per command whose text names the variable: never in a process's arguments, never in
 .git/config, and `credential.helper=` first so no configured helper (e.g. `store`) keeps it.
@@ -25,13 +31,21 @@ set -u;
 W=${MEDASR_WORKSPACE:-/workspace}; U=${MEDASR_REPO_URL:-}; R=${MEDASR_GIT_REF:-};
 export GIT_TERMINAL_PROMPT=0;
 say() { echo "medasr start: $*" >&2; };
+api_stop() {
+  [ -n "${RUNPOD_API_KEY:-}" ] && command -v curl >/dev/null || return 1;
+  A=${MEDASR_RUNPOD_API_URL:-https://api.runpod.io};
+  echo "Authorization: Bearer $RUNPOD_API_KEY" | curl -fsS -m 30 -o /dev/null -X POST -H @-
+    -H "Content-Type: application/json" -d "{\"action\": \"stop\"}" "${A%/}/v2/pods/$RUNPOD_POD_ID/action";
+};
 die() {
   say "$*";
   if [ -n "${RUNPOD_POD_ID:-}" ]; then
     for k in 1 2 3; do
-      runpodctl stop pod "$RUNPOD_POD_ID" >/dev/null && exec sleep infinity; sleep ${MEDASR_START_RETRY_S:-10};
+      runpodctl stop pod "$RUNPOD_POD_ID" >/dev/null && exec sleep infinity;
+      api_stop && exec sleep infinity;
+      sleep ${MEDASR_START_RETRY_S:-10};
     done;
-    say "runpodctl stop pod failed: sleeping, the pod bills until it is stopped";
+    say "cannot stop the pod (runpodctl, RunPod API): sleeping, the pod bills until it is stopped";
   fi;
   exec sleep infinity;
 };
@@ -46,18 +60,31 @@ try() {
   k=1;
   until "$@"; do [ "$k" -ge 5 ] && return 1; sleep $((k * ${MEDASR_START_RETRY_S:-10})); k=$((k + 1)); done;
 };
+named() { case $R in *[!0-9a-f]*) return 0;; esac; return 1; };
+sha() { c=$(git rev-parse -q --verify "$R^{commit}") && [ "$c" = "$R" ] && echo "$c"; };
 at_ref() {
   git remote set-url origin "$U" || return 1;
-  try g fetch -q origin || return 2;
-  C=$( { g fetch -q origin "$R" 2>/dev/null && git rev-parse -q --verify "FETCH_HEAD^{commit}"; }
-    || git rev-parse -q --verify "$R^{commit}" ) || return 3;
-  git checkout -q -f --detach "$C" && [ "$(git rev-parse HEAD)" = "$C" ];
+  h=$(git rev-parse -q --verify "HEAD^{commit}"); C=$h;
+  if [ "$h" != "$R" ]; then
+    if try g fetch -q origin; then
+      C=$( { g fetch -q origin "$R" 2>/dev/null && git rev-parse -q --verify "FETCH_HEAD^{commit}"; }
+        || git rev-parse -q --verify "refs/remotes/origin/$R^{commit}"
+        || git rev-parse -q --verify "refs/tags/$R^{commit}" || sha ) || return 3;
+    else
+      [ -n "${1:-}" ] && named || return 2;
+      say "cannot fetch $R from $U: going on with the checkout at $h";
+    fi;
+  fi;
+  f=; [ "$C" = "$h" ] || f=-f;
+  git checkout -q $f --detach "$C" && [ "$(git rev-parse HEAD)" = "$C" ];
 };
 fresh() { rm -rf .medasr.clone && g clone -q --no-checkout "$U" .medasr.clone; };
 [ -n "$U" ] && [ -n "$R" ] || die "MEDASR_REPO_URL and MEDASR_GIT_REF must both be set";
 mkdir -p "$W" && cd "$W" || die "cannot enter the workspace $W";
 if [ -e medasr ] || [ -L medasr ]; then
-  git --git-dir=medasr/.git rev-parse -q --verify "HEAD^{tree}" >/dev/null 2>&1 && (cd medasr && at_ref);
+  rm -f medasr/.git/index.lock medasr/.git/packed-refs.lock medasr/.git/HEAD.lock medasr/.git/config.lock;
+  [ -d medasr/.git/refs ] && find medasr/.git/refs -name "*.lock" -type f -delete;
+  git --git-dir=medasr/.git rev-parse -q --verify "HEAD^{tree}" >/dev/null 2>&1 && (cd medasr && at_ref kept);
   case $? in
     0) ;;
     2) die "cannot fetch from $U";;
