@@ -130,7 +130,8 @@ class TrainParams(_Block):
         2,
         ge=1,
         description="runs (fingerprints) whose checkpoints are kept, here and on the DVC remote: this one and the "
-        "ones used last; older ones' folders and aside copies are deleted when training starts",
+        "ones used last; older ones' folders and aside copies are deleted when training starts (on the remote only "
+        "under runpod.sh's loop, and never a run used within the lease's TTL)",
     )
     batch_size: int = Field(gt=0, description="utterances per batch (with batch_tokens set: the most per batch)")
     batch_tokens: int | None = Field(

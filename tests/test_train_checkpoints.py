@@ -10,6 +10,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import pytest
 from helpers import tiny_params
 
 from medasr import StageError
+from medasr.ops.lease import PID_ENV
 from medasr.ops.mirror import Mirror, fingerprint_of, stale_fingerprints
 from medasr.params import ParamsError
 from medasr.paths import CHECKPOINT_META, CHECKPOINT_STATE, LATEST, aside_name, step_dir_name
@@ -172,6 +175,7 @@ def test_keep_fingerprints_prunes_the_runs_used_least_recently_here_and_on_the_m
         aged(checkpoint(base / "not-a-run", 4).parent, 0)  # nothing pruning made: never touched
     mirror = Mirror(LocalFileSystem(), str(remote / FP), "local")
 
+    monkeypatch.setenv(PID_ENV, str(os.getpid()))  # runpod.sh's loop, holding the lease: it prunes the remote too
     prune_fingerprints(root / FP, mirror, 2)
     kept = sorted([FP, a, aside_name(a, T1), "not-a-run"])
     assert sorted(p.name for p in root.iterdir()) == kept and sorted(p.name for p in remote.iterdir()) == kept
@@ -244,3 +248,89 @@ def test_mirror_prune_keeps_the_newest_complete_checkpoints_and_drops_older_half
     mirror.prune(2)
     assert sorted(p.name for p in remote.iterdir()) == [step_dir_name(s) for s in (8, 12, 16)]
     assert Mirror(LocalFileSystem(), str(tmp_path / "none"), "local").complete_steps() == []
+
+
+def test_only_runpods_loop_prunes_the_remote_and_never_a_run_in_use(tmp_path, monkeypatch, caplog):
+    """A pod trains `pod`; a laptop runs two smoke tests against the same remote: the pod's run, used less recently
+    than the laptop's first, is not deleted (its pod, losing its disk, would start over from step 0)."""
+    from dvc_objects.fs.local import LocalFileSystem
+
+    pod, x1, x2 = "a" * 16, "b" * 16, "c" * 16
+    root, remote = tmp_path / "laptop", tmp_path / "remote"
+    for fp, age in ((pod, 300), (x1, 60), (x2, 0)):  # seconds since each run last mirrored a checkpoint
+        aged(checkpoint(remote / fp, 4, fp).parent, time.time() - age)
+    aged(checkpoint(root / x1, 4, x1).parent, time.time() - 60)
+    checkpoint(root / x2, 4, x2)
+    mirror = Mirror(LocalFileSystem(), str(remote / x2), "local")
+    monkeypatch.delenv(PID_ENV, raising=False)
+
+    with caplog.at_level(logging.INFO):
+        prune_fingerprints(root / x2, mirror, 1)  # the laptop's `medasr train`, no lease: its own folders only
+    assert sorted(p.name for p in root.iterdir()) == [x2]
+    assert sorted(p.name for p in remote.iterdir()) == [pod, x1, x2] and "only runpod.sh's loop" in caplog.text
+
+    monkeypatch.setenv(PID_ENV, str(os.getpid()))  # under the loop: runs used within the lease's TTL stay
+    prune_fingerprints(root / x2, mirror, 1)
+    assert sorted(p.name for p in remote.iterdir()) == [pod, x1, x2]
+    aged(remote / pod, time.time() - 1000)  # a pod silent longer than the TTL (900 s) has lost the lease
+    prune_fingerprints(root / x2, mirror, 1)
+    assert sorted(p.name for p in remote.iterdir()) == [x1, x2]
+    monkeypatch.setenv("MEDASR_LEASE_TTL_S", "30")
+    prune_fingerprints(root / x2, mirror, 1)
+    assert sorted(p.name for p in remote.iterdir()) == [x2]
+
+
+def test_a_local_remote_folder_that_cannot_be_read_fails_the_read(tmp_path, monkeypatch):
+    """A local-directory remote on a network volume: EIO on one folder is a failed read, never "nothing there"
+    (dvc-objects' own walk skips it: a fresh start, or a download missing its files, taken for corrupt)."""
+    from dvc_objects.fs.local import LocalFileSystem
+
+    remote = tmp_path / "remote" / FP
+    for step in (4, 8):
+        checkpoint(remote, step)
+    mirror = Mirror(LocalFileSystem(), str(remote), "local", read_attempts=2, first_delay_s=0)
+    real = os.scandir
+
+    def eio(path="."):
+        if not isinstance(path, int) and Path(path).name == step_dir_name(8):  # rmtree lists by descriptor
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", eio)
+    run_dir = tmp_path / "local" / FP
+    with pytest.raises(StageError, match=r"could not be read \(listing .*Input/output error"):
+        resume_point(run_dir, FP, mirror)
+    with pytest.raises(OSError, match="Input/output error"):
+        mirror.download(step_dir_name(8), tmp_path / "download")
+    assert not run_dir.exists() and not (tmp_path / "download" / step_dir_name(8)).exists()
+    monkeypatch.setattr(os, "scandir", real)
+    assert resume_point(run_dir, FP, mirror)[0].step == 8
+
+
+def test_a_corrupt_download_is_deleted_and_never_displaces_an_aside_copy(tmp_path, caplog):
+    """A corrupt download is a copy of what the remote still holds: deleted, not moved aside, where it would replace
+    the aside copy of a real run folder (unsynced offline W&B runs, best/)."""
+    from dvc_objects.fs.local import LocalFileSystem
+
+    remote = tmp_path / "remote" / FP
+    for step in (4, 8):
+        checkpoint(remote, step)
+    checkpoint(remote, 12, sha256="0" * 64)  # damaged on the remote
+    mirror = Mirror(LocalFileSystem(), str(remote), "local")
+    root = tmp_path / "checkpoints"
+    aside = root / aside_name(FP, T1)
+    (aside / "wandb" / "offline-run-1").mkdir(parents=True)
+    (aside / "wandb" / "offline-run-1" / "run-1.wandb").write_bytes(b"unsynced")
+    before = files(aside)
+
+    with caplog.at_level(logging.WARNING):
+        found, source = resume_point(root / FP, FP, mirror, now=T2)
+    assert (source, found.step) == ("remote", 8) and "step-00000012 arrived corrupt" in caplog.text
+    assert sorted(p.name for p in root.iterdir()) == [FP, aside.name] and files(aside) == before
+    assert sorted(p.name for p in (root / FP).iterdir()) == [LATEST, step_dir_name(8)]
+
+    shutil.rmtree(root / FP)  # every mirrored checkpoint corrupt: a fresh start, the aside copy kept all the same
+    for step in (4, 8):
+        (remote / step_dir_name(step) / CHECKPOINT_STATE).write_bytes(b"damaged")
+    assert resume_point(root / FP, FP, mirror, now=T3) == (None, "none")
+    assert sorted(p.name for p in root.iterdir()) == [aside.name] and files(aside) == before

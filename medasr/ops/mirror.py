@@ -7,11 +7,13 @@ and credentials as `dvc push`. Layout: `<remote>/medasr-checkpoints/<fingerprint
 used. `medasr train --fresh` moves a run's folder to `<fingerprint>.aside-<UTC time>/` beside it (`Mirror.set_aside`).
 Uploads run on a background thread with retries: a failed upload is reported, never fatal to training. Reads are
 retried too (`Mirror.read`), and a read that failed raises: it is never taken for an empty or corrupt mirror.
-Folders of fingerprints no longer trained are pruned by last use (`Mirror.prune_fingerprints`).
+Folders of fingerprints no longer trained are pruned by last use (`Mirror.prune_fingerprints`), never one that
+a pod may still be training. A local directory remote is listed with errors raised (`find`).
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import re
 import threading
@@ -77,7 +79,7 @@ class Mirror:
         One listing, which raises when it fails: only a run that has mirrored nothing yet is empty. (`fs.exists`
         is no test for that: s3fs answers False for a bucket it could not reach.)"""
         steps: dict[str, bool] = {}
-        for path in self.fs.find(self.root):
+        for path in find(self.fs, self.root):
             name, *rest = self.fs.relparts(path, self.root)
             if name.startswith("step-"):
                 steps[name] = steps.get(name, False) or rest == [CHECKPOINT_META]
@@ -96,14 +98,17 @@ class Mirror:
             if kept and name < kept[0]:
                 self.fs.rm(self.fs.join(self.root, name), recursive=True)
 
-    def prune_fingerprints(self, keep: int) -> list[str]:
+    def prune_fingerprints(self, keep: int, min_age_s: float, now: float | None = None) -> list[str]:
         """Delete the folders (runs and their aside copies) of the fingerprints other than this run's, all but those
         of the `keep` - 1 used last; returns their names. Last use: the time of the newest checkpoint completed in
-        their folders (one without any counts as oldest)."""
+        their folders (one without any counts as oldest). A fingerprint used less than `min_age_s` before `now` (the
+        reader's clock against the store's, as for the lease) is kept whatever the count: a pod may be training it,
+        and a live run mirrors far more often."""
+        now = time.time() if now is None else now
         base, current = self.fs.parent(self.root), self.fs.name(self.root)
         folders: set[str] = set()
         newest: dict[str, str] = {}  # folder -> its newest completeness marker (step folders sort by step)
-        for path in sorted(self.fs.find(base)):
+        for path in sorted(find(self.fs, base)):
             folder, *rest = self.fs.relparts(path, base)
             if fingerprint_of(folder):
                 folders.add(folder)
@@ -113,7 +118,7 @@ class Mirror:
         for folder, marker in newest.items():
             owner = fingerprint_of(folder) or ""
             last_use[owner] = max(last_use[owner], self.fs.modified(marker).timestamp())
-        stale = stale_fingerprints(last_use, current, keep)
+        stale = {fp for fp in stale_fingerprints(last_use, current, keep) if now - last_use[fp] >= min_age_s}
         gone = sorted(folder for folder in folders if fingerprint_of(folder) in stale)
         for folder in gone:
             self.fs.rm(self.fs.join(base, folder), recursive=True)
@@ -128,7 +133,7 @@ class Mirror:
         (a retry starts over); after that, nothing left in it is resumable and the aside copy is complete. What is
         left without any marker (such an interrupted move, a run stopped before its first checkpoint) is deleted
         without becoming an aside copy, which would replace the complete one."""
-        files = sorted(self.fs.find(self.root))
+        files = sorted(find(self.fs, self.root))
         parts = {f: self.fs.relparts(f, self.root) for f in files}
         markers = [f for f in files if parts[f][0].startswith("step-") and parts[f][1:] == (CHECKPOINT_META,)]
         base, fingerprint = self.fs.parent(self.root), self.fs.name(self.root)
@@ -146,11 +151,26 @@ class Mirror:
         """Fetch one mirrored checkpoint into the local run folder (atomically); returns its local path."""
         src = self.fs.join(self.root, name)
         with atomic_dir(run_dir / name) as tmp:
-            for remote_path in self.fs.find(src):
+            for remote_path in find(self.fs, src):
                 local = tmp / Path(remote_path).relative_to(src)
                 local.parent.mkdir(parents=True, exist_ok=True)
                 self.fs.get_file(remote_path, str(local))
         return run_dir / name
+
+
+def find(fs: Any, path: str) -> list[str]:
+    """Every file under `path` on a remote's filesystem; a listing that fails raises. dvc-objects walks a local
+    directory without an error handler, so a folder it could not read (EIO, ESTALE on a network volume) would be
+    left out: nothing mirrored (a fresh start), or a download missing files (taken for corrupt). Only a missing
+    `path` itself is empty."""
+    if fs.protocol != "local":
+        return list(fs.find(path))
+
+    def fail(exc: OSError) -> None:
+        if not (isinstance(exc, FileNotFoundError) and exc.filename == path):
+            raise exc
+
+    return [os.path.join(root, name) for root, _, names in os.walk(path, onerror=fail) for name in names]
 
 
 FINGERPRINT = re.compile(r"[0-9a-f]{16}")  # what stages/train/checkpoints.py `fingerprint` names a run's folder
@@ -183,7 +203,7 @@ def remote_asides(repo_root: Path | str = ".") -> tuple[str, dict[str, int]] | N
     if remote is None:
         return None
     fs, base = remote.fs, remote.fs.join(remote.path, REMOTE_CHECKPOINTS)
-    return remote.name, {n: sum(s or 0 for s in fs.sizes(list(fs.find(fs.join(base, n))))) for n in asides(fs, base)}
+    return remote.name, {n: sum(s or 0 for s in fs.sizes(find(fs, fs.join(base, n)))) for n in asides(fs, base)}
 
 
 def open_mirror(fingerprint: str, repo_root: Path | str = ".") -> Mirror | None:

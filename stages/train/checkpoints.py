@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from medasr import StageError
 from medasr.files import sha256_file, update_digest, write_text_atomic
 from medasr.log import get_logger
+from medasr.ops.lease import PID_ENV, TTL_S
 from medasr.ops.mirror import fingerprint_of, stale_fingerprints
 from medasr.params import LoraParams, ModelParams, TrainParams
 from medasr.paths import (
@@ -154,10 +155,11 @@ def find_resumable(run_dir: Path, fp: str) -> Checkpoint | None:
         raise StageError(f"could not read the checkpoints in {run_dir}, so none was chosen: {one_line(exc)}") from None
 
 
-def fetch_from_mirror(mirror: Mirror, into: Path, fp: str) -> tuple[Checkpoint | None, list[Path]]:
-    """Download the newest complete mirrored checkpoint that arrives intact into `into`; returns it (or None when
-    none is) and the ones that arrived corrupt. A listing or download that fails is retried, then raises
-    StageError: the loop around the stage retries later, where starting fresh could throw away a long run."""
+def fetch_from_mirror(mirror: Mirror, into: Path, fp: str) -> Checkpoint | None:
+    """Download the newest complete mirrored checkpoint that arrives intact into `into`; None when none does. One
+    that arrives corrupt is deleted: a copy of bytes the remote still holds. A listing or download that fails is
+    retried, then raises StageError: the loop around the stage retries later, where starting fresh could throw away
+    a long run."""
 
     def read(what: str, fn: Callable[[], Any]) -> Any:
         try:
@@ -168,33 +170,28 @@ def fetch_from_mirror(mirror: Mirror, into: Path, fp: str) -> tuple[Checkpoint |
                 f"changed; retry later: {one_line(exc)}"
             ) from None
 
-    corrupt: list[Path] = []
     for name in read("listing the mirrored checkpoints", mirror.complete_steps):
         folder = read(f"downloading {name}", partial(mirror.download, name, into))
         try:
-            return verified(folder, fp), corrupt
+            return verified(folder, fp)
         except CORRUPT as exc:
-            log.warning("mirrored checkpoint %s arrived corrupt (%s): set aside, trying the previous one", name, exc)
-            corrupt.append(folder)
-    return None, corrupt
+            log.warning("mirrored checkpoint %s arrived corrupt (%s): deleted, trying the one before", name, exc)
+            shutil.rmtree(folder)  # now, not with the staging folder: each may be gigabytes
+    return None
 
 
-def move_aside(run_dir: Path, now: datetime, corrupt: Sequence[Path] = ()) -> Path | None:
-    """Move the run folder (if it holds any file) and checkpoints that arrived corrupt from the mirror (as
-    `remote-step-...`) into the aside copy `<fingerprint>.aside-<now>` beside it, the retention rule of `medasr train
-    --fresh`: never a fingerprint, so nothing resumes from it, and only the newest aside copy per fingerprint is kept.
-    Returns the aside copy, or None when there was nothing to move."""
+def move_aside(run_dir: Path, now: datetime) -> Path | None:
+    """Move the run folder, if it holds any file, to the aside copy `<fingerprint>.aside-<now>` beside it, the
+    retention rule of `medasr train --fresh`: never a fingerprint, so nothing resumes from it, and only the newest
+    aside copy per fingerprint is kept. Returns the aside copy, or None when there was nothing to move (and the
+    older aside copy stays)."""
     aside = run_dir.with_name(aside_name(run_dir.name, now))
     if run_dir.is_dir() and not any(p.is_file() for p in run_dir.rglob("*")):
         shutil.rmtree(run_dir)  # empty folders only: nothing is lost
-    if not run_dir.exists() and not corrupt:
+    if not run_dir.exists():
         return None
-    if run_dir.exists():
-        run_dir.rename(aside)
-        log.info("moved %s aside to %s", run_dir, aside.name)
-    for folder in corrupt:
-        aside.mkdir(parents=True, exist_ok=True)
-        folder.rename(aside / f"remote-{folder.name}")
+    run_dir.rename(aside)
+    log.info("moved %s aside to %s", run_dir, aside.name)
     for older in sorted(d for d in run_dir.parent.glob(f"{run_dir.name}.*") if aside_of(d.name) == run_dir.name):
         if older.name < aside.name:  # names sort by time: the newest stays
             shutil.rmtree(older)
@@ -215,8 +212,8 @@ def resume_point(
     # leaves a temp folder that `medasr loop sweep` removes)
     staging = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}.", suffix=".tmp"))
     try:
-        found, corrupt = fetch_from_mirror(mirror, staging, fp) if mirror else (None, [])
-        move_aside(run_dir, now or datetime.now(UTC), corrupt)
+        found = fetch_from_mirror(mirror, staging, fp) if mirror else None
+        move_aside(run_dir, now or datetime.now(UTC))
         if found is None:
             return None, "none"
         run_dir.mkdir()
@@ -288,7 +285,9 @@ def set_aside(run_dir: Path, mirror: Mirror | None, now: datetime | None = None)
 def prune_fingerprints(run_dir: Path, mirror: Mirror | None, keep: int) -> None:
     """`train.keep_fingerprints`: besides this run's, the checkpoints of the `keep` - 1 fingerprints used last are
     kept, here and on the mirror; other fingerprints' run folders and aside copies are deleted. Local last use: the
-    newest file in their folders. A failure is reported and training goes on; the next start tries again."""
+    newest file in their folders. On the mirror, which every machine of the project shares, only under runpod.sh's
+    loop (it holds the lease), and never a run used within the lease's TTL: a laptop's run must not delete what a
+    live pod trains. A failure is reported and training goes on; the next start tries again."""
     root = run_dir.parent
     try:
         folders = [d for d in root.iterdir() if d.is_dir() and fingerprint_of(d.name)] if root.is_dir() else []
@@ -305,8 +304,13 @@ def prune_fingerprints(run_dir: Path, mirror: Mirror | None, keep: int) -> None:
         log.warning("could not prune the checkpoints of older runs in %s: %s", root, one_line(exc))
     if mirror is None:
         return
+    if not os.environ.get(PID_ENV):
+        log.info(
+            "older runs on DVC remote %r are left: only runpod.sh's loop, holding the lease, prunes them", mirror.remote
+        )
+        return
     try:
-        for name in mirror.prune_fingerprints(keep):
+        for name in mirror.prune_fingerprints(keep, float(os.environ.get("MEDASR_LEASE_TTL_S") or TTL_S)):
             log.info("deleted %s on DVC remote %r, a run older than the last %d", name, mirror.remote, keep)
     except Exception as exc:
         log.warning("could not prune older runs' checkpoints on DVC remote %r: %s", mirror.remote, one_line(exc))

@@ -8,9 +8,10 @@ Resume: on start, the newest complete checkpoint under the current fingerprint i
 with a warning, falling back to the previous one), else the newest intact one mirrored to the DVC remote; anything
 else starts fresh, with what the run folder held moved aside. A checkpoint that could not be read (disk or network
 error, after retries) fails the stage instead: the loop around it retries, never starting over. Checkpoints of
-fingerprints no longer trained are pruned to `train.keep_fingerprints` runs, here and on the remote. A checkpoint
-restores weights, optimizer, LR schedule, step, RNG and the data position, so a resumed run ends with the same
-weights as an uninterrupted one (stages/train/checkpoints.py, callback.py, data.py).
+fingerprints no longer trained are pruned to `train.keep_fingerprints` runs, here and, under runpod.sh's loop (which
+holds the lease), on the remote, never a run used there within the lease's TTL. A checkpoint restores weights,
+optimizer, LR schedule, step, RNG and the data position, so a resumed run ends with the same weights as an
+uninterrupted one (stages/train/checkpoints.py, callback.py, data.py).
 
 Training runs through NeMo's DataModule + SALMDataset and a Lightning Trainer: CPU fp32 here, bf16 on GPUs, DDP
 over `train.devices` ranks (stages/train/config.py). Nothing is CUDA-specific, and every rank stays in the process
