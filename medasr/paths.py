@@ -92,3 +92,7 @@ POD_STATE = Path(".medasr/pod.json")  # git-ignored: which pod this checkout lau
 # runpod.sh sets this variable to a file in its logs folder; a stage command writes its pid there while it runs, so
 # a stop signal reaches the stage process itself (which stops its own workers and ranks), not everything below dvc.
 STAGE_PIDFILE_ENV = "MEDASR_STAGE_PIDFILE"
+# Under $MEDASR_WORKDIR (the pod's volume, so it outlives the container: a restart must not reset the pod's clock): the
+# first start and last hourly cost the volume saw per pod id, what `medasr loop budget` uses when RunPod's API cannot
+# be read, one <pod id>.json each.
+POD_CLOCK_DIR = "medasr-pod-clock"

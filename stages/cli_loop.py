@@ -129,7 +129,10 @@ def progress() -> None:
     """Print a token that changes whenever the run progressed (a newer checkpoint step, a finished stage)."""
     from medasr.ops.podside import progress_token
 
-    typer.echo(progress_token())
+    try:
+        typer.echo(progress_token())
+    except OSError as exc:  # an unreadable dvc.lock: no token, so runpod.sh counts no progress
+        _fail(EXIT_TRANSIENT, f"progress unknown: {_one_line(exc)}")
 
 
 @loop_app.command()
@@ -141,5 +144,8 @@ def sweep() -> None:
 
     if (pid := stage_running()) is not None:
         _fail(EXIT_TRANSIENT, f"not sweeping: a stage runs (pid {pid})")
-    removed, freed = sweep_temps(SWEPT_ROOTS)
+    try:
+        removed, freed = sweep_temps(SWEPT_ROOTS)
+    except OSError as exc:  # an entry gone meanwhile, or one this user may not remove: the next attempt sweeps again
+        _fail(EXIT_TRANSIENT, f"sweep stopped: {_one_line(exc)}")
     typer.echo(f"swept {removed} temp entries of killed writes, {freed / 1e9:.2f} GB freed" if removed else "no temps")

@@ -188,6 +188,7 @@ def pod_up(
         raise typer.Exit(EXIT_BAD_PARAMS)
     api = _api()
     _pod_call(clear_to_launch, api, lambda line: typer.echo(line, err=True))
+    LaunchState(pod_id="", spec=spec).save()  # the run before its pod: were this dying, watch and down find the pod
     pod = _pod_call(launch, api, spec, environ)
     state = LaunchState(pod_id=pod["id"], spec=spec)
     state.observe(pod["id"], pod, time.time())
@@ -202,11 +203,15 @@ def pod_status() -> None:
     from medasr.ops.status import read_status
     from medasr.secrets import one_line
 
-    state = _pod_call(LaunchState.load)
-    pod = _pod_call(_api().get, state.pod_id)
-    state.observe(state.pod_id, pod, time.time())
+    state, api = _pod_call(LaunchState.load), _api()
+    _pod_call(state.add_listed, api, time.time())  # a pod `pod up` did not live to record, too
+    pod = _pod_call(api.get, state.pod_id) if state.pod_id else None
+    if state.pod_id:
+        state.observe(state.pod_id, pod, time.time())
     state.save()
-    if pod is None:
+    if not state.pod_id:
+        typer.echo(f"run {state.spec.run_id}: no pod (`pod up` failed before creating one?)")
+    elif pod is None:
         typer.echo(f"pod {state.pod_id}: gone (terminated)")
     else:
         gpu = (pod.get("gpu") or {}).get("id", "?")
@@ -248,17 +253,30 @@ def pod_down(terminate: bool = typer.Option(False, "--terminate", help="Delete i
     """Stop every pod of the run (its volume and the remote keep everything), or terminate them, each confirmed by
     RunPod. Terminating also frees the remote's lease a pod of the run held, so `pod up` may start a new run."""
     from medasr.ops.podstate import LaunchState
+    from medasr.ops.runpod import refused
     from medasr.ops.watch import WatchSettings, bring_down
 
     state = _pod_call(LaunchState.load)
     api, action = _api(), "terminate" if terminate else "stop"
-    for pod_id in dict.fromkeys([*state.live(), state.pod_id]):
-        pod = _pod_call(bring_down, api, pod_id, action, WatchSettings(), time.sleep, typer.echo)
+    _pod_call(state.add_listed, api, time.time())
+    failures = []
+    for pod_id in state.ids():  # every one tried: a pod that cannot be brought down keeps none of the others billing
+        try:
+            pod = bring_down(api, pod_id, action, WatchSettings(), time.sleep, typer.echo)
+        except PodError as exc:
+            failures.append(f"error: {exc}")
+            if refused(exc):
+                break  # the API key: no other pod can be reached either
+            continue
         state.observe(pod_id, pod, time.time())
         state.save()
         typer.echo(f"pod {pod_id}: {'terminated' if pod is None or pod.get('status') == 'TERMINATED' else 'stopped'}")
         if terminate and _release_quietly(pod_id):
             typer.echo(f"released the remote's lease pod {pod_id} held")
+    for line in failures:
+        typer.echo(line, err=True)
+    if failures:
+        raise typer.Exit(EXIT_FAILED)
 
 
 @pod_app.command("watch")

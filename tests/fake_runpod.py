@@ -80,6 +80,7 @@ class FakeRunPod:
         self.schema_violations: list[str] = []
         self.unavailable_gpus: set[str] = set()
         self.no_gpu_left: set[str] = set()  # pods whose machine has no free GPU to start them again
+        self.unlisted: set[str] = set()  # pods GET /v2/pods leaves out for now (its list lags behind a create)
         self.log_lines = ["[runpod.sh] attempt 1", "[runpod.sh] pipeline finished"]
         self.faults: list[dict[str, Any]] = []
         self.max_alive = 0  # the most pods not TERMINATED at once, after any call
@@ -103,13 +104,22 @@ class FakeRunPod:
         return [b for m, p, b in self.requests if m == method and re.fullmatch(path_pattern, p)]
 
     def fail(
-        self, method: str, path_pattern: str, times: int, status: int = 502, action: str | None = None, acted=False
+        self,
+        method: str,
+        path_pattern: str,
+        times: int,
+        status: int = 502,
+        action: str | None = None,
+        acted=False,
+        text: str | None = None,
+        hold: threading.Event | None = None,
     ) -> None:
         """The next `times` calls of `method` on a path matching `path_pattern` (and, for pod actions, `action`)
-        answer `status`. `acted`: the server did the work first and only the answer was lost (a gateway timeout)."""
+        answer `status`. `acted`: the server did the work first and only the answer was lost (a gateway timeout).
+        `text`: the answer is that text/html page, not JSON (a proxy's). `hold`: the answer waits until it is set."""
         pattern = re.compile(path_pattern)
         self.faults.append({"method": method, "path": pattern, "times": times, "status": status, "action": action})
-        self.faults[-1]["acted"] = acted
+        self.faults[-1] |= {"acted": acted, "text": text, "hold": hold}
 
     def alive(self) -> list[str]:
         return [i for i, pod in self.pods.items() if pod["status"] != "TERMINATED"]
@@ -164,14 +174,18 @@ class FakeRunPod:
             fault = self._fault(method, path, body)
             answer = self._answer(method, path, body) if fault is None or fault["acted"] else None
             self.max_alive = max(self.max_alive, len(self.alive()))
+        if fault is not None and fault["hold"] is not None:
+            fault["hold"].wait(60)
         if fault is not None:
+            if fault["text"] is not None:
+                return fault["status"], fault["text"]
             return fault["status"], {"title": "Bad Gateway", "status": fault["status"], "detail": "upstream failed"}
         assert answer is not None
         return answer
 
     def _answer(self, method: str, path: str, body: Any) -> tuple[int, Any]:
         if method == "GET" and path == "/v2/pods":
-            return 200, {"pods": [self.pods[i] for i in self.alive()]}
+            return 200, {"pods": [self.pods[i] for i in self.alive() if i not in self.unlisted]}
         if method == "POST" and path == "/v2/pods":
             if errors := schema_errors(body, "CreatePodRequest"):
                 self.schema_violations += errors
@@ -210,8 +224,10 @@ class FakeRunPod:
 
             def _send(self, code: int, payload: Any) -> None:
                 data = b"" if payload is None else json.dumps(payload).encode()
-                self.send_response(code)
                 ctype = "application/json" if code < 400 else "application/problem+json"
+                if isinstance(payload, str):
+                    data, ctype = payload.encode(), "text/html"
+                self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 from fake_runpod import FakeRunPod
 from helpers import CREDENTIALS, DEVELOPER_SETTINGS, VENV_BIN, free_port, run_env
 
+from medasr import MedasrError
 from medasr.files import sweep_temps
 from medasr.ops.lease import Holder, LeaseHeld, lease_state, process_started, release_lease, take_lease
 from medasr.ops.podside import check_budget, progress_token, stop_pod
@@ -27,6 +29,9 @@ from medasr.ops.runpod import DEFAULT_GPUS, PodSpec, RunPodAPI, create_payload
 
 KEY = "rpa_loop_test_key_0123456789"
 PREFIX = "team/medasr"  # a nested prefix, as a real bucket shared by projects has
+# The lease's settle time in these tests: over what reading and writing the lease takes here (a taker slower than it
+# claims nothing: ~0.4 s on the tests' S3 server, ~0.7 s with a new process's first call), far under the default 20 s
+SETTLE = 2.0
 
 
 def dvc_workspace(root: Path, url: str, endpoint: str) -> Path:
@@ -45,7 +50,7 @@ def ws(tmp_path, s3) -> Path:
 
 
 def loop(ws: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    full = run_env() | CREDENTIALS | {"MEDASR_LEASE_SETTLE_S": "0.3"} | env
+    full = run_env() | CREDENTIALS | {"MEDASR_LEASE_SETTLE_S": "3"} | env  # a new process's first S3 call: ~0.7 s
     return subprocess.run(
         [str(VENV_BIN / "medasr"), "loop", *args], cwd=ws, env=full, capture_output=True, text=True, timeout=120
     )
@@ -145,25 +150,25 @@ def test_lease_taken_renewed_refused_and_released(ws, s3, loops, in_process):
 
 def test_lease_reclaimed_when_its_holder_is_gone_restarted_or_expired(ws, s3, loops, in_process):
     a, b, c = loops(), loops(), loops()
-    take_lease(ws, holder(a, ""), settle_s=0)  # a loop off RunPod (no pod id) on this machine
+    take_lease(ws, holder(a, ""), settle_s=SETTLE)  # a loop off RunPod (no pod id) on this machine
     a.kill()
     a.wait()
-    gone = take_lease(ws, holder(b, ""), settle_s=0)  # its process gone: reclaimed at once
+    gone = take_lease(ws, holder(b, ""), settle_s=SETTLE)  # its process gone: reclaimed at once
     assert "its process on this machine is gone" in gone
 
     assert release_lease(ws, pod_id="")  # as `pod watch` releases a pod's lease by its id
     old_container = holder(b, "podB")
-    take_lease(ws, Holder(**vars(old_container) | {"host": "old-container"}), settle_s=0)
-    restarted = take_lease(ws, holder(c, "podB"), settle_s=0)  # the pod's new container, on a new host name
+    take_lease(ws, Holder(**vars(old_container) | {"host": "old-container"}), settle_s=SETTLE)
+    restarted = take_lease(ws, holder(c, "podB"), settle_s=SETTLE)  # the pod's new container, on a new host name
     assert "a former container of this pod" in restarted and lease_on(s3)["pid"] == c.pid
     with pytest.raises(LeaseHeld):
-        take_lease(ws, holder(b, "podB"), settle_s=0)  # a second loop in that container: c is alive
+        take_lease(ws, holder(b, "podB"), settle_s=SETTLE)  # a second loop in that container: c is alive
 
     with pytest.raises(LeaseHeld):
-        take_lease(ws, holder(b, "podC"), settle_s=0)  # another pod: c's lease is fresh
-    take_lease(ws, holder(c, "podB"), ttl_s=1, settle_s=0)
+        take_lease(ws, holder(b, "podC"), settle_s=SETTLE)  # another pod: c's lease is fresh
+    take_lease(ws, holder(c, "podB"), ttl_s=1, settle_s=SETTLE)
     time.sleep(2.5)
-    assert "expired" in take_lease(ws, holder(b, "podC"), settle_s=0)
+    assert "expired" in take_lease(ws, holder(b, "podC"), settle_s=SETTLE)
     assert lease_on(s3)["pod"] == "podC"
 
 
@@ -182,7 +187,7 @@ def test_a_lease_read_that_fails_is_never_taken_for_a_free_lease(ws, s3, in_proc
     """Reads fail (a throttled or flaky store) while writes would succeed: nothing is written over the holder's."""
     from medasr.ops import lease as leases
 
-    take_lease(ws, holder(loops(), "podA"), settle_s=0)
+    take_lease(ws, holder(loops(), "podA"), settle_s=SETTLE)
     real = leases._lease_file
 
     def flaky(repo_root):
@@ -192,7 +197,7 @@ def test_a_lease_read_that_fails_is_never_taken_for_a_free_lease(ws, s3, in_proc
 
     monkeypatch.setattr(leases, "_lease_file", flaky)
     with pytest.raises(OSError, match="Slow Down"):
-        take_lease(ws, holder(loops(), "podB"), settle_s=0)
+        take_lease(ws, holder(loops(), "podB"), settle_s=SETTLE)
     with pytest.raises(OSError):
         leases.read_lease(ws)
     assert lease_on(s3)["pod"] == "podA"
@@ -200,7 +205,7 @@ def test_a_lease_read_that_fails_is_never_taken_for_a_free_lease(ws, s3, in_proc
 
 def test_two_takers_racing_leave_exactly_one_holder(ws, s3, loops):
     a, b = loops(), loops()
-    env = run_env() | CREDENTIALS | {"MEDASR_LEASE_SETTLE_S": "2"}
+    env = run_env() | CREDENTIALS | {"MEDASR_LEASE_SETTLE_S": "4"}  # two new processes' first S3 calls at once
     racers = {
         proc.pid: subprocess.Popen(
             [str(VENV_BIN / "medasr"), "loop", "lease", "take"],
@@ -216,6 +221,56 @@ def test_two_takers_racing_leave_exactly_one_holder(ws, s3, loops):
     assert sorted(codes.values()) == [0, 2], {pid: r.stderr.read() for pid, r in racers.items()}
     (winner,) = [pid for pid, code in codes.items() if code == 0]
     assert lease_on(s3)["pid"] == winner
+
+
+def test_a_taker_whose_write_lands_after_a_rival_settled_claims_nothing(tmp_path, loops, monkeypatch):
+    """The two-holder race: B reads the lease free, but its PUT is slow (botocore retrying it); meanwhile A reads,
+    writes, settles and claims it; then B's PUT lands over A's and B, settling, would find its own. B's read-to-written
+    time was over the settle time: it claims nothing (exit 1, try again) and removes its write, and A's next renewal
+    finds no lease and takes it back."""
+    from medasr.ops import lease as leases
+
+    ws = tmp_path / "ws"
+    (ws / ".dvc").mkdir(parents=True)
+    (ws / ".dvc" / "config").write_text(
+        f"[core]\n    no_scm = true\n    remote = r\n['remote \"r\"']\n    url = {tmp_path}/r\n"
+    )
+    a, b = holder(loops(), "podA"), holder(loops(), "podB")
+    b_writing, a_claimed = threading.Event(), threading.Event()
+    real_write = leases._write
+
+    def slow_for_b(fs, target, lease):
+        if lease["pod"] == "podB":
+            b_writing.set()
+            assert a_claimed.wait(30)
+        real_write(fs, target, lease)
+
+    monkeypatch.setattr(leases, "_write", slow_for_b)
+    said: dict[str, object] = {}
+
+    def take(me: Holder) -> None:
+        try:
+            said[me.pod] = take_lease(ws, me, settle_s=0.5)
+        except Exception as exc:
+            said[me.pod] = exc
+
+    rival = threading.Thread(target=take, args=(b,))
+    rival.start()
+    assert b_writing.wait(30)  # B has read the lease (free) and its PUT is on its way
+    take(a)
+    a_claimed.set()
+    rival.join(30)
+
+    assert str(said["podA"]).startswith("lease taken by pod podA"), said
+    assert isinstance(said["podB"], MedasrError) and not isinstance(said["podB"], LeaseHeld), said
+    assert re.fullmatch(
+        r"lease not claimed: reading and writing it took [\d.]+ s, not under "
+        r"MEDASR_LEASE_SETTLE_S=0.5 s",
+        str(said["podB"]),
+    ), said
+    assert leases.read_lease(ws) is None  # B's write is gone: it never looks like B's on a retry
+    assert take_lease(ws, a, settle_s=0.5).startswith("lease taken by pod podA")  # A's next heartbeat
+    assert leases.read_lease(ws)[0]["pod"] == "podA"
 
 
 # --- the heartbeat -------------------------------------------------------------------------------------------------
@@ -387,6 +442,43 @@ def test_sweep_removes_only_what_killed_atomic_writes_left(tmp_path):
     assert outside.is_dir() and not (tmp_path / "models" / ".linked.abcdefgh.tmp").is_symlink()
     assert not list((tmp_path / "data").glob(".manifests.*.tmp")) and not list((tmp_path / "metrics").glob("*.tmp"))
     assert sweep_temps([tmp_path / "data", tmp_path / "metrics"]) == (0, 0)
+
+
+def test_an_unreadable_lock_or_a_sweep_that_cannot_finish_is_one_line_exit_1(tmp_path, monkeypatch):
+    (tmp_path / "dvc.lock").symlink_to("/proc/self/mem")  # a regular file whose read fails (EIO), even for root
+    unreadable = loop(tmp_path, "progress")
+    assert unreadable.returncode == 1 and not unreadable.stdout, unreadable
+    assert one_line(unreadable) == "progress unknown: OSError: [Errno 5] Input/output error"
+
+    import shutil
+
+    from typer.testing import CliRunner
+
+    import medasr.files as files
+    from stages.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    temp = Path("data/.manifests.abcdefgh.tmp")  # as the sweep names it: from the checkout
+    real_size = files._size
+
+    def vanishing(path: Path) -> int:  # another process removes it between the listing and its size
+        shutil.rmtree(path)
+        return real_size(path)
+
+    def refused(path, *args, **kwargs):  # what EACCES on a file inside looks like (root passes permission bits)
+        raise PermissionError(13, "Permission denied", str(path / "audio.flac"))
+
+    for fault, line in (
+        ((files, "_size", vanishing), f"FileNotFoundError: [Errno 2] No such file or directory: '{temp}'"),
+        ((files.shutil, "rmtree", refused), f"PermissionError: [Errno 13] Permission denied: '{temp}/audio.flac'"),
+    ):
+        temp.mkdir(parents=True, exist_ok=True)
+        (temp / "audio.flac").write_bytes(b"a" * 100)
+        with monkeypatch.context() as patch:
+            patch.setattr(*fault)
+            swept = CliRunner().invoke(app, ["loop", "sweep"])
+        assert swept.exit_code == 1 and not swept.stdout, (swept.output, swept.exception)
+        assert swept.stderr.splitlines() == [f"sweep stopped: {line}"]
 
 
 def test_loop_commands_never_import_torch(tmp_path):

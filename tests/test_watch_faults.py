@@ -126,14 +126,14 @@ def test_pod_up_twice_and_502s_never_make_two_pods_spend_covers_all_and_the_cap_
 def test_pod_up_respects_the_lease_and_pod_down_terminate_clears_the_way(fake, repo):
     api = RunPodAPI(KEY, fake.url)
     other = api.create(create_payload(PodSpec("other", URL, "abc", "elsewhere"), "NVIDIA H100 PCIe", ENV))["id"]
-    take_lease(repo, Holder(pod=other, host="another-host", pid=7, pid_started=None, run="elsewhere"), settle_s=0)
+    take_lease(repo, Holder(pod=other, host="another-host", pid=7, pid_started=None, run="elsewhere"), settle_s=0.5)
     one_line_error(up(repo, fake), f"lease is held by pod {other}")
     assert len(fake.pods) == 1
 
     fake.set_status(other, "TERMINATED")  # its pod is gone: its lease is dead, whatever its expiry says
     assert up(repo, fake).returncode == 0 and read_lease(repo) is None
     mine = LaunchState.load(POD_STATE).pod_id
-    take_lease(repo, Holder(pod=mine, host="pod-host", pid=1, pid_started=None, run="r"), settle_s=0)
+    take_lease(repo, Holder(pod=mine, host="pod-host", pid=1, pid_started=None, run="r"), settle_s=0.5)
     one_line_error(up(repo, fake), f"pod {mine} of run", "is RUNNING")
 
     down = medasr(repo, fake, "pod", "down", "--terminate")
@@ -266,3 +266,117 @@ def test_a_truncated_or_old_state_file_and_a_missing_dvc_repo_give_one_line(fake
     check = medasr(outside, fake, "remote", "check")
     assert check.returncode == 2 and "Traceback" not in check.stderr, check
     assert check.stderr.strip().splitlines() == [f"DVC cannot open {outside}: NotDvcRepoError: {NOT_A_REPO}"]
+
+
+def created(api: RunPodAPI, n: int, run: str = "r1") -> list[str]:
+    return [api.create(create_payload(PodSpec("m", URL, "abc", run), "NVIDIA H100 PCIe", ENV))["id"] for _ in range(n)]
+
+
+def known(api: RunPodAPI, run: str, *pods: str) -> LaunchState:
+    """The state of run `run` tracking the last of `pods`, having seen them all."""
+    state = LaunchState(pods[-1], PodSpec("m", URL, "abc", run))
+    for pod in pods:
+        state.observe(pod, api.get(pod), time.time())
+    state.save()
+    return state
+
+
+def test_a_pod_that_cannot_be_stopped_keeps_no_other_pod_billing(fake, repo, monkeypatch):
+    api = RunPodAPI(KEY, fake.url)
+    locked, tracked = created(api, 2)  # e.g. an orphan not terminated yet, and the pod the run uses
+    fake.fail("POST", rf"/v2/pods/{locked}/action", 99, status=400)  # every action refused, as for a locked pod
+    seen: list[tuple[str, str]] = []
+
+    def unlocked():
+        seen.append((fake.pods[locked]["status"], fake.pods[tracked]["status"]))
+        fake.faults.clear()
+
+    scenario = Scenario([unlocked], poll_s=60)
+    settings = WatchSettings(max_usd=0, poll_s=60, tries=1, retry_s=1)  # the cap ends it at once
+    state = known(api, "r1", locked, tracked)
+    code = watch(api, state, lambda run_id: None, ENV, settings, scenario.clock, scenario.sleep, scenario.say)
+
+    assert seen == [("RUNNING", "EXITED")], scenario.said  # the first round stopped the other pod all the same
+    assert code == 1 and fake.pods[locked]["status"] == "TERMINATED" and fake.pods[tracked]["status"] == "EXITED"
+
+    # `pod down` the same way: each pod tried, the one not stopped named, exit 1
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    locked, tracked = created(api, 2, run="r2")
+    known(api, "r2", locked, tracked)
+    fake.fail("POST", rf"/v2/pods/{locked}/action", 99, status=400)
+    monkeypatch.setattr(time, "sleep", lambda s: None)  # bring_down's backoff between its 8 tries
+    down = CliRunner().invoke(app, ["pod", "down"], env={"MEDASR_RUNPOD_API_URL": fake.url, "RUNPOD_API_KEY": KEY})
+    assert down.exit_code == 1 and f"pod {tracked}: stopped" in down.stdout, (down.output, down.exception)
+    assert down.stderr.splitlines() == [f"error: pod {locked}: stop not confirmed by RunPod after 8 tries"]
+    assert fake.pods[locked]["status"] == "RUNNING" and fake.pods[tracked]["status"] == "EXITED"
+
+
+def test_an_answer_that_is_not_json_is_a_passing_fault(fake, repo):
+    api = RunPodAPI(KEY, fake.url)
+    (pod,) = created(api, 1)
+    page = "<html><body>502 from the proxy, served as 200</body></html>"
+    fake.fail("GET", r"/v2/pods", 1, status=200, text=page)
+    fake.fail("GET", rf"/v2/pods/{pod}", 2, status=200, text=page)
+    done = lambda: beat(repo, "done", pod, 0)  # noqa: E731
+    scenario = Scenario([lambda: None, lambda: None, done], poll_s=60)
+    read = lambda run_id: read_status(run_id, repo)  # noqa: E731
+    state = LaunchState(pod, PodSpec("m", URL, "abc", "r1"))
+    code = watch(api, state, read, ENV, WatchSettings(poll_s=60), scenario.clock, scenario.sleep, scenario.say)
+
+    warnings = [line for _, line in scenario.said if line.startswith("warning")]
+    assert warnings == [
+        "warning: RunPod API GET /v2/pods -> 200 but not JSON (text/html)",
+        f"warning: RunPod API GET /v2/pods/{pod} -> 200 but not JSON (text/html)",
+        f"warning: RunPod API GET /v2/pods/{pod} -> 200 but not JSON (text/html)",
+    ]
+    assert code == 0 and fake.pods[pod]["status"] == "EXITED"
+
+
+def test_an_orphan_pod_of_the_run_is_found_counted_and_terminated(fake, repo):
+    fake.cost_per_hour = 3.6  # $/h: $0.001 a second
+    api = RunPodAPI(KEY, fake.url)
+    (first,) = created(api, 1)
+    state = LaunchState(first, PodSpec("m", URL, "abc", "r1"))
+    fake.set_status(first, "TERMINATED")  # the pod is lost: the watcher recreates it
+    fake.fail("POST", r"/v2/pods", 1, acted=True)  # the create makes pod0002 but its answer is lost
+    fake.unlisted = {"pod0002"}  # and RunPod's list does not show it yet: the next GPU type is tried, pod0003
+    events = [fake.unlisted.clear, lambda: beat(repo, "done", state.pod_id, 0)]
+    scenario = Scenario(events, poll_s=60)
+    t0 = scenario.t
+    read = lambda run_id: read_status(run_id, repo)  # noqa: E731
+    settings = WatchSettings(poll_s=60, backoff_base_s=0)
+    code = watch(api, state, read, ENV, settings, scenario.clock, scenario.sleep, scenario.say)
+
+    assert code == 0 and state.pod_id == "pod0003", scenario.said
+    assert (t0 + 60, "pod pod0002 of the run is alive beside pod pod0003: terminating it") in scenario.said  # poll 2
+    assert fake.pods["pod0002"]["status"] == "TERMINATED" and fake.alive() == ["pod0003"]
+    orphan = next(p for p in state.pods if p.id == "pod0002")
+    assert orphan.ended and orphan.spent_usd == pytest.approx(0.06, abs=0.003)  # from its creation to its end
+
+
+def test_a_pod_up_that_dies_before_saving_its_pod_leaves_a_run_down_and_up_still_find(fake, repo):
+    import threading
+
+    answer = threading.Event()
+    fake.fail("POST", r"/v2/pods", 1, status=201, acted=True, hold=answer)
+    api = {"MEDASR_RUNPOD_API_URL": fake.url, "RUNPOD_API_KEY": KEY}
+    dying = subprocess.Popen(
+        ["medasr", "pod", "up", "--repo-url", URL, "--git-ref", "abc"], cwd=repo, env=run_env() | ENV | api
+    )
+    try:
+        deadline = time.time() + 60
+        while not fake.pods and time.time() < deadline:
+            time.sleep(0.05)
+        (orphan,) = fake.pods  # created; the answer never reaches `pod up`
+    finally:
+        dying.kill()
+        dying.wait()
+        answer.set()
+    one_line_error(up(repo, fake), f"pod {orphan} of run", "is RUNNING")
+    assert len(fake.pods) == 1
+    down = medasr(repo, fake, "pod", "down", "--terminate")
+    assert down.returncode == 0 and f"pod {orphan}: terminated" in down.stdout, down
+    assert up(repo, fake).returncode == 0 and fake.max_alive == 1

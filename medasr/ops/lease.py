@@ -5,9 +5,11 @@ shares its checkpoints there: a JSON object {pod, host, pid, pid_started, run, t
 
 Expiry is the remote object's modification time (the store's clock) plus the holder's `ttl_s`, against the reader's
 clock: never a time the holder wrote. S3 has no compare-and-swap, so a taker writes, waits MEDASR_LEASE_SETTLE_S and
-reads again, and whoever then finds another's lease backs off; a renewal reads before it writes, so a pod that lost
-a close race learns it at its next heartbeat. Any read error but "not found" raises: an unreadable lease is never
-taken for a free one.
+reads again, and whoever then finds another's lease backs off. That holds only while every taker's own read-to-written
+time is under the settle time (a rival whose slow PUT lands after our re-read was slower than that): a taker that was
+slower claims nothing and removes its write (exit 1, try again). A renewal reads before it writes, and counts as one
+only when its write landed before the lease it read expired. Any read error but "not found" raises: an unreadable
+lease is never taken for a free one.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from medasr.ops.remote import default_remote
 from medasr.paths import LEASE_FILE, REMOTE_STATUS
 
 TTL_S = 900.0  # MEDASR_LEASE_TTL_S: a holder silent this long (no heartbeat reached the remote) has lost it
-SETTLE_S = 2.0  # MEDASR_LEASE_SETTLE_S: longer than a rival taker's read-to-write gap
+# MEDASR_LEASE_SETTLE_S: a taker whose read-to-written time exceeds it claims nothing; botocore retries a PUT for
+# ~8 s, so a throttled store still takes the lease at the first try
+SETTLE_S = 20.0
 # The loop's pid, exported by runpod.sh ($$): the lease commands run in its children and background subshells.
 PID_ENV = "MEDASR_LEASE_PID"
 
@@ -200,11 +204,13 @@ def take_lease(
     clock: Callable[[], float] = time.time,
 ) -> str:
     """Take or renew the lease for `me` (default: whoami()). Returns one line saying what happened; raises LeaseHeld
-    when another live holder has it (also when a rival wrote over ours while it settled)."""
+    when another live holder has it (also when a rival wrote over ours while it settled), MedasrError (try again) when
+    reading and writing it took `settle_s` or longer."""
     me = me or whoami()
     ttl = _env_s("MEDASR_LEASE_TTL_S", TTL_S) if ttl_s is None else ttl_s
     settle = _env_s("MEDASR_LEASE_SETTLE_S", SETTLE_S) if settle_s is None else settle_s
     fs, target = _lease_file(repo_root)
+    started = time.monotonic()
     found = _read(fs, target)
     lease, modified = found if found is not None else (None, 0.0)
     state, why = judge(lease, modified, clock(), me)
@@ -214,16 +220,25 @@ def take_lease(
     taken = lease.get("taken") if state == "mine" and lease else clock()
     mine = {"pod": me.pod, "host": me.host, "pid": me.pid, "pid_started": me.pid_started, "run": me.run}
     _write(fs, target, mine | {"ttl_s": ttl, "taken": taken})
-    if state == "mine":
-        return "lease renewed"
+    gap = time.monotonic() - started
+    if state == "mine" and lease and expires_in(lease, modified, clock()) > 0:
+        return "lease renewed"  # landed while ours was live: no rival could take it meanwhile
+    if gap >= settle:  # our write may have landed over a rival that settled and claimed it: remove it, claim nothing
+        again = _read(fs, target)
+        if again is not None and me.holds(again[0]):
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(target)
+        raise MedasrError(
+            f"lease not claimed: reading and writing it took {gap:.1f} s, not under MEDASR_LEASE_SETTLE_S={settle:g} s"
+        )
     time.sleep(settle)
     again = _read(fs, target)
     if again is None:
         raise MedasrError("the lease vanished right after it was written (released by another machine?)")
     if not me.holds(again[0]):
         raise LeaseHeld(again[0], expires_in(again[0], again[1], clock()))
-    if state == "free":
-        return f"lease taken by {describe(mine)}"
+    if state != "reclaimable":
+        return "lease renewed" if state == "mine" else f"lease taken by {describe(mine)}"
     assert lease is not None
     return f"lease reclaimed from {describe(lease)}: {why}"
 

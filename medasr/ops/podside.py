@@ -19,13 +19,10 @@ from typing import Any
 
 from medasr.files import write_json_atomic
 from medasr.ops.lease import process_alive
-from medasr.paths import CHECKPOINT_META, CHECKPOINT_ROOT, STAGE_PIDFILE_ENV, aside_of
+from medasr.paths import CHECKPOINT_META, CHECKPOINT_ROOT, POD_CLOCK_DIR, STAGE_PIDFILE_ENV, aside_of
 from medasr.secrets import REDACTED, SECRETS, one_line
 
 DVC_LOCK = Path("dvc.lock")
-# The first start and last hourly cost this volume saw per pod id: what the budget uses when RunPod's API cannot be
-# read. Under $MEDASR_WORKDIR, so it outlives the container (a restart must not reset the pod's clock).
-POD_CLOCK_DIR = "medasr-pod-clock"
 
 
 # --- progress -------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ class LaunchState:
     pod_id: str  # the pod the run uses now
     spec: PodSpec
     recoveries: int = 0
-    pods: list[PodRecord] = field(default_factory=list)  # every pod the run created, the current one last
+    pods: list[PodRecord] = field(default_factory=list)  # every pod the run created, in the order seen
 
     @property
     def spent_usd(self) -> float:
@@ -47,6 +48,21 @@ class LaunchState:
     def live(self) -> list[str]:
         """The run's pods not known to be terminated."""
         return [p.id for p in self.pods if not p.ended]
+
+    def ids(self) -> list[str]:
+        """The run's pods not known to be terminated, and the tracked one (none while `pod up` has not seen its
+        create answered)."""
+        return [pod_id for pod_id in dict.fromkeys([*self.live(), self.pod_id]) if pod_id]
+
+    def add_listed(self, api: RunPodAPI, now: float) -> None:
+        """Add the run's pods RunPod lists (not terminated, env MEDASR_RUN_ID) that this state does not know: made by
+        a create whose answer was lost (and not listed yet when `launch` looked), or by a `pod up` that died before
+        saving it. Each is counted from its creation, and the first is tracked when no pod is."""
+        for pod in api.find(self.spec.run_id):
+            if pod["id"] not in {p.id for p in self.pods}:
+                self.pods.append(PodRecord(pod["id"], first_seen=now, last_seen=min(now, _created(pod) or now)))
+                self.observe(pod["id"], pod, now)
+            self.pod_id = self.pod_id or pod["id"]
 
     def observe(self, pod_id: str, pod: dict[str, Any] | None, now: float) -> None:
         """Account for what a GET answered about `pod_id` at `now`: a pod last seen billing bills until now, at the
@@ -72,13 +88,20 @@ class LaunchState:
         try:
             data = json.loads(path.read_text())
             spent = float(data.pop("spent_usd", 0.0))  # a state file from before `pods`: its spend, on its pod
-            pods = [PodRecord(**p) for p in data.pop("pods", None) or [_first(data["pod_id"], spent)]]
+            pods = [PodRecord(**p) for p in (data.pop("pods") if "pods" in data else [_first(data["pod_id"], spent)])]
             return cls(**(data | {"spec": PodSpec(**data["spec"]), "pods": pods}))
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise PodError(
                 f"{path} is unreadable ({type(exc).__name__}): check RunPod's console for this run's pod, then "
                 "remove the file"
             ) from None
+
+
+def _created(pod: dict[str, Any]) -> float | None:
+    try:
+        return datetime.fromisoformat(str(pod.get("createdAt")).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def _first(pod_id: str, spent_usd: float) -> dict[str, Any]:
@@ -104,12 +127,13 @@ def clear_to_launch(
 
 
 def previous_pod(api: RunPodAPI, path: Path = POD_STATE) -> str | None:
-    """Why `pod up` must not start a new run: a pod of the run in `path` that RunPod still knows (not TERMINATED).
-    An unreadable state file raises PodError: it may name a pod that still runs."""
+    """Why `pod up` must not start a new run: a pod of the run in `path` (or listed for it) that RunPod still knows
+    (not TERMINATED). An unreadable state file raises PodError: it may name a pod that still runs."""
     if not path.is_file():
         return None
     state = LaunchState.load(path)
-    for pod_id in dict.fromkeys([*state.live(), state.pod_id]):
+    state.add_listed(api, time.time())
+    for pod_id in state.ids():
         pod = api.get(pod_id)
         if pod and pod.get("status") != "TERMINATED":
             return (

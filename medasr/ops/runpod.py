@@ -205,11 +205,15 @@ class RunPodAPI:
             try:
                 problem = response.json()
                 detail = f"{problem.get('title', '')}: {problem.get('detail', '')} {problem.get('errors') or ''}"
-            except ValueError:
+            except (ValueError, AttributeError):  # not JSON, or JSON but no problem object
                 detail = response.text[:300]
             code = response.status_code
             raise PodError(f"RunPod API {method} {path} -> {code} {detail.strip()}", code)
-        return response.json() if response.content else {}
+        try:
+            return response.json() if response.content else {}
+        except ValueError:  # a proxy's or a gateway's page: worth the same call again later
+            kind = response.headers.get("content-type", "?")
+            raise PodError(f"RunPod API {method} {path} -> {response.status_code} but not JSON ({kind})") from None
 
     def create(self, body: dict[str, Any]) -> dict[str, Any]:
         return self._call("POST", "/v2/pods", body)
@@ -218,12 +222,13 @@ class RunPodAPI:
         """The pod, or None when RunPod no longer knows it (terminated)."""
         return self._call("GET", f"/v2/pods/{pod_id}")
 
-    def find(self, run_id: str) -> dict[str, Any] | None:
-        """A pod of run `run_id` that is not terminated, if RunPod lists one."""
-        for pod in (self._call("GET", "/v2/pods") or {}).get("pods", []):
-            if (pod.get("env") or {}).get("MEDASR_RUN_ID") == run_id and pod.get("status") != "TERMINATED":
-                return pod
-        return None
+    def find(self, run_id: str) -> list[dict[str, Any]]:
+        """The pods of run `run_id` (their env's MEDASR_RUN_ID) RunPod lists, but terminated ones."""
+        return [
+            pod
+            for pod in (self._call("GET", "/v2/pods") or {}).get("pods", [])
+            if (pod.get("env") or {}).get("MEDASR_RUN_ID") == run_id and pod.get("status") != "TERMINATED"
+        ]
 
     def action(self, pod_id: str, action: str) -> None:
         body = {"action": action}
@@ -258,9 +263,9 @@ def refused(exc: PodError) -> bool:
 def launch(api: RunPodAPI, spec: PodSpec, environ: dict[str, str]) -> dict[str, Any]:
     """Create the pod on the first GPU type in `spec.gpus` that RunPod can place. A create answered with a 5xx or
     not at all may have made the pod all the same: a pod of this run that RunPod lists is taken, never a second."""
-    if pod := api.find(spec.run_id):
-        log.info("pod %s of run %s exists already: taking it", pod["id"], spec.run_id)
-        return pod
+    if found := api.find(spec.run_id):
+        log.info("pod %s of run %s exists already: taking it", found[0]["id"], spec.run_id)
+        return found[0]
     failures = []
     for gpu in spec.gpus:
         body = create_payload(spec, gpu, environ)
@@ -270,7 +275,7 @@ def launch(api: RunPodAPI, spec: PodSpec, environ: dict[str, str]) -> dict[str, 
             if refused(exc):
                 raise
             if transient(exc) and (made := api.find(spec.run_id)):
-                return made
+                return made[0]
             failures.append(f"{gpu}: {exc}")
             log.warning("could not create a pod on %s: %s", gpu, exc)
             continue

@@ -109,6 +109,7 @@ def watch(
             say(f"warning: {exc}")
             sleep(settings.poll_s)
             continue
+        _drop_extras(api, state, pod, settings, clock, sleep, say, release_lease)
         try:
             beat, modified = read_beat(state.spec.run_id) or (None, None)
             readable = True
@@ -153,9 +154,11 @@ def watch(
 
 
 def _poll_pods(api: RunPodAPI, state: LaunchState, now: float) -> dict[str, Any] | None:
-    """GET every pod of the run not known terminated, and account for its cost; the tracked pod's answer."""
+    """List the run's pods (an orphan joins the state, see LaunchState.add_listed), GET every pod of the run not known
+    terminated, and account for its cost; the tracked pod's answer."""
+    state.add_listed(api, now)
     tracked = None
-    for pod_id in dict.fromkeys([*state.live(), state.pod_id]):
+    for pod_id in state.ids():
         pod = api.get(pod_id)
         state.observe(pod_id, pod, now)
         if pod_id == state.pod_id:
@@ -177,18 +180,57 @@ def _verdict(beat: dict[str, Any] | None, state: LaunchState, settings: WatchSet
 def _stop_all(
     api: RunPodAPI, state: LaunchState, settings: WatchSettings, clock: Callable, sleep: Callable, say: Callable
 ) -> bool:
-    """Stop every pod of the run, each confirmed by RunPod; False (after saying why) when one is not yet."""
-    for pod_id in state.live():
+    """Stop every pod of the run, each confirmed by RunPod, each tried even when another was not (one pod that cannot
+    be stopped must not keep the others billing); False (after saying why) when one is not yet."""
+    stopped = True
+    for pod_id in state.ids():
         try:
             state.observe(pod_id, bring_down(api, pod_id, "stop", settings, sleep, say), clock())
         except PodError as exc:
             if refused(exc):
                 raise
             say(f"warning: {exc}; trying again")
-            return False
+            stopped = False
         finally:
             state.save()
-    return True
+    return stopped
+
+
+def _drop_extras(
+    api: RunPodAPI,
+    state: LaunchState,
+    tracked: dict[str, Any] | None,
+    settings: WatchSettings,
+    clock: Callable,
+    sleep: Callable,
+    say: Callable,
+    release_lease: Callable[[str], Any] | None,
+) -> None:
+    """Terminate (confirmed) every other pod of the run while the tracked one lives: one pod runs a run. Without a
+    tracked pod the next recreate takes a listed one instead (runpod.launch)."""
+    if not tracked or tracked.get("status") == "TERMINATED":
+        return
+    for extra in [pod_id for pod_id in state.live() if pod_id != state.pod_id]:
+        say(f"pod {extra} of the run is alive beside pod {state.pod_id}: terminating it")
+        try:
+            state.observe(extra, bring_down(api, extra, "terminate", settings, sleep, say), clock())
+        except PodError as exc:
+            if refused(exc):
+                raise
+            say(f"warning: {exc}; trying again at the next poll")
+            continue
+        finally:
+            state.save()
+        _release(extra, release_lease, say)
+
+
+def _release(pod_id: str, release_lease: Callable[[str], Any] | None, say: Callable) -> None:
+    if release_lease is not None:
+        try:
+            if release_lease(pod_id):
+                say(f"released the lease terminated pod {pod_id} held")
+        except Exception as exc:  # the next pod waits for its expiry instead
+            say(f"warning: could not release pod {pod_id}'s lease ({one_line(exc)}); it expires by itself")
 
 
 def _recover(
@@ -211,15 +253,10 @@ def _recover(
                 raise
             say(f"could not {action} pod {state.pod_id} ({exc}); recreating it")
     check_recreate(state.spec, environ)  # before the old pod is touched
-    old = state.pod_id
-    state.observe(old, bring_down(api, old, "terminate", settings, sleep, say), clock())
-    state.save()
-    if release_lease is not None:
-        try:
-            if release_lease(old):
-                say(f"released the lease terminated pod {old} held")
-        except Exception as exc:  # the new pod waits for its expiry instead
-            say(f"warning: could not release pod {old}'s lease ({one_line(exc)}); the new pod waits for it to expire")
+    if old := state.pod_id:  # none when `pod up` died before its create answered, and no pod of the run is listed
+        state.observe(old, bring_down(api, old, "terminate", settings, sleep, say), clock())
+        state.save()
+        _release(old, release_lease, say)
     pod = launch(api, state.spec, environ)
     state.pod_id = pod["id"]
     state.observe(pod["id"], pod, clock())
