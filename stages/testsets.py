@@ -135,8 +135,9 @@ def run(
     summaries: dict[str, Any] = {}
     with atomic_dir(out_dir) as tmp:
         for ts in test_sets:
-            # the raw shards are only a step on the way: kept beside the output (same disk), removed after
-            work = Path(tempfile.mkdtemp(dir=tmp.parent, prefix=f".{ts.name}-raw."))
+            # the raw shards are only a step on the way: kept beside the output (same disk), removed after; named
+            # like medasr.files' temp folders, so `medasr loop sweep` removes what a killed run left
+            work = Path(tempfile.mkdtemp(dir=tmp.parent, prefix=f".{ts.name}-raw.", suffix=".tmp"))
             try:
                 summaries[ts.name] = prepare(ts, limits, style, seen, tmp / ts.name, work)
             finally:
