@@ -60,11 +60,9 @@ def final_weights(ws: Path, step: int) -> dict:
 @pytest.mark.e2e
 def test_a_fresh_machine_resumes_from_the_mirrored_checkpoint(tmp_path, demo_manifests, s3):
     steps = 12  # four checkpoints (two kept), two validations: enough for a resume, pruning and a best adapter
+    # That a resumed run equals an uninterrupted one is test_train.py's (SIGKILL then resume, bit-exact); here the
+    # checkpoint crosses the remote, and the third machine's copy must be the second's, bit for bit.
     p = tiny_params(**{"train.max_steps": steps, "train.checkpoint_every": 3, "train.val_every": 6})
-    # an uninterrupted run to compare with, alongside from the start (no remote: it shares nothing with the pods)
-    straight = workspace(tmp_path / "straight", demo_manifests, p, None)
-    uninterrupted = train(straight, log=tmp_path / "straight.log")
-
     first = workspace(tmp_path / "pod1", demo_manifests, p, s3)
     proc = train(first)
     wait_for(lambda: s3.complete_steps(), proc)
@@ -89,9 +87,7 @@ def test_a_fresh_machine_resumes_from_the_mirrored_checkpoint(tmp_path, demo_man
     restored = (again["resume_source"], again["resumed_from_step"], again["global_step"])
     assert restored == ("remote", steps, steps), out[-3000:]
     assert again["exported_from"] == "best" and again["exported_step"] == metrics["exported_step"]
-
-    assert uninterrupted.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-3000:]
-    a, b = final_weights(straight, steps), final_weights(second, steps)
+    a, b = final_weights(second, steps), final_weights(third, steps)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
