@@ -1,18 +1,22 @@
 """runpod.sh for real: the whole pipeline on CPU with the tiny preset against a real S3 server on 127.0.0.1, with the
-server down when the loop starts and the machine lost mid-training; and its preflight (`--check`) with wrong
-credentials. The loop's mechanics alone (backoff, signals, watchdog, locks) are in test_runpod.py."""
+server down when the loop starts and the pod stopped mid-training (SIGTERM to runpod.sh as PID 1, as RunPod stops
+a container); and its preflight (`--check`) with wrong credentials. The loop's mechanics alone (backoff, signals,
+watchdog, locks, lease) are in test_runpod.py, the heartbeat with the watcher in test_heartbeat_watch.py."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import signal
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psutil
 import pytest
+from fake_runpod import FakeRunPod
 from helpers import (
     BUCKET,
     CREDENTIALS,
@@ -27,6 +31,9 @@ from helpers import (
     wait_for,
 )
 
+from medasr.ops.runpod import PodSpec, RunPodAPI, create_payload
+
+KEY = "rpa_check_test_key_0123456789"
 SECRET = "planted-secret-0a1b2c3d"  # moto without auth accepts any key: plant one to prove it is never written
 
 
@@ -41,8 +48,9 @@ def demo_params() -> dict[str, object]:
 
 
 # On top of the demo's params: a shorter run with no validation, decoding short hypotheses. The pipeline's shape is
-# the demo's; only the CPU time this test does not look at is cut.
-POD_RUN = {"train.max_steps": 24, "train.checkpoint_every": 4, "train.val_every": 0, "eval.max_new_tokens": 8}
+# the demo's; only the CPU time this test does not look at is cut. No periodic checkpoint: the only one a stopped
+# pod leaves is the one its stop signal makes.
+POD_RUN = {"train.max_steps": 24, "train.checkpoint_every": 1000, "train.val_every": 0, "eval.max_new_tokens": 8}
 
 
 def pod_checkout(dest: Path, **overrides: object) -> Path:
@@ -56,7 +64,9 @@ def pod_checkout(dest: Path, **overrides: object) -> Path:
     return repo
 
 
-def runpod(repo: Path, workdir: Path, s3: S3Server, *args: str, **extra: str) -> subprocess.Popen:
+def runpod(repo: Path, workdir: Path, s3: S3Server, *args: str, pid1: bool = False, **extra: str) -> subprocess.Popen:
+    """runpod.sh with the pod's settings; with pid1, as PID 1 of a new PID namespace (the pod's start command ends in
+    `exec bash runpod.sh`): whatever it leaves running when it exits is killed with it."""
     env = run_env() | CREDENTIALS | {"AWS_SECRET_ACCESS_KEY": SECRET}
     env |= {
         "MEDASR_WORKDIR": str(workdir),
@@ -68,16 +78,23 @@ def runpod(repo: Path, workdir: Path, s3: S3Server, *args: str, **extra: str) ->
         "MEDASR_BACKOFF_BASE_S": "1",
         "MEDASR_BACKOFF_MAX_S": "3",
         "MEDASR_STATUS_EVERY_S": "2",
+        "MEDASR_LEASE_SETTLE_S": "2",  # over a local S3 server's read-to-write time; the default allows for retries
         **extra,
     }
     env.pop("WANDB_MODE")  # runpod.sh picks it (no key: offline)
+    command = ["unshare", "--fork", "--pid", "--mount-proc"] if pid1 else []
     return subprocess.Popen(
-        ["bash", "runpod.sh", *args], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [*command, "bash", "runpod.sh", *args],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL runpod.sh and every process below it: the pod is gone, nothing gets to clean up."""
+    """SIGKILL runpod.sh and every process below it (a failed test's leftovers)."""
     procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -85,20 +102,36 @@ def kill_tree(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def files_under(*roots: Path) -> list[Path]:
+    return [p for root in roots if root.exists() for p in root.rglob("*") if p.is_file()]
+
+
 @pytest.mark.e2e
-def test_runpod_sh_survives_a_remote_outage_and_the_loss_of_its_pod(tmp_path):
+def test_runpod_sh_survives_a_remote_outage_and_the_stop_of_its_pod(tmp_path):
     s3 = S3Server(free_port())  # not started: the remote is down when the loop starts
     pod1 = pod_checkout(tmp_path / "pod1", **POD_RUN)
     log1 = tmp_path / "work1" / "logs" / "runpod.log"
-    proc = runpod(pod1, tmp_path / "work1", s3, "--once")
+    pipeline1 = tmp_path / "work1" / "logs" / "pipeline.log"
+    proc = runpod(pod1, tmp_path / "work1", s3, "--once", pid1=True)
     try:
         wait_for(lambda: log1.is_file() and "retrying in" in log1.read_text(), proc, 120, "a retry")
         assert "problem: DVC remote 'medasr-s3' unreachable" in log1.read_text()
         s3.start()
-        # fetch, subset and manifest finish and are pushed; training mirrors a checkpoint; then the pod dies
-        wait_for(lambda: s3.complete_steps(), proc, 600, "a mirrored checkpoint")
-        kill_tree(proc)
-        first_out = proc.stdout.read()
+        # fetch, subset and manifest finish and are pushed; training starts; then RunPod stops the pod: SIGTERM to
+        # the container's PID 1, runpod.sh
+        started = "first training step of this process"
+        wait_for(lambda: pipeline1.is_file() and started in pipeline1.read_text(), proc, 600, "training")
+        assert s3.complete_steps() == []  # no periodic checkpoint
+        psutil.Process(proc.pid).children()[0].send_signal(signal.SIGTERM)
+        first_out = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 143, first_out[-4000:]
+        steps = s3.complete_steps()
+        assert len(steps) == 1 and 0 < steps[0] < POD_RUN["train.max_steps"], steps  # the stop's checkpoint
+        # the signal went to the trainer itself (its pid from the stage pidfile), which stopped on its own terms
+        # before runpod.sh, PID 1, exited: had it exited first, the kernel would have killed the trainer
+        assert re.search(r"SIGTERM: SIGTERM to the stage process \(\d+\)", first_out), first_out[-4000:]
+        assert f"stopped at step {steps[0]} on signal 15" in pipeline1.read_text()
+        assert first_out.index("the pipeline exited (code") < first_out.index("stopped by SIGTERM")
         assert "pipeline finished" not in first_out
 
         pod2 = pod_checkout(tmp_path / "pod2", **POD_RUN)
@@ -112,10 +145,11 @@ def test_runpod_sh_survives_a_remote_outage_and_the_loss_of_its_pod(tmp_path):
         train = json.loads((pod2 / "metrics" / "train.json").read_text())
         assert (
             train["resume_source"] == "remote"
-            and train["resumed_from_step"] > 0
+            and train["resumed_from_step"] == steps[0]
             and train["global_step"] == POD_RUN["train.max_steps"]
         )
         assert "Running stage 'eval'" in pipeline and (pod2 / "metrics" / "eval.json").is_file()
+        assert any((tmp_path / "work2" / "cache" / "dvc").rglob("*"))  # DVC's cache on the volume
 
         status = json.loads(
             s3.client().get_object(Bucket=BUCKET, Key="pipeline/medasr-status/default/status.json")["Body"].read()
@@ -124,6 +158,14 @@ def test_runpod_sh_survives_a_remote_outage_and_the_loss_of_its_pod(tmp_path):
         written = [p for w in ("work1", "work2") for p in (tmp_path / w / "logs").iterdir()]
         for text in [first_out, out, *(p.read_text(errors="replace") for p in written)]:
             assert SECRET not in text
+        outputs = files_under(*(pod / d for pod in (pod1, pod2) for d in ("data", "metrics", "models")))
+        assert any(p.suffix == ".parquet" for p in outputs) and any(p.suffix == ".safetensors" for p in outputs)
+        for path in outputs:
+            assert SECRET.encode() not in path.read_bytes(), path
+        objects = s3.keys()
+        assert any(k.endswith(".ckpt") for k in objects), objects
+        for key in objects:
+            assert SECRET.encode() not in s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read(), key
     finally:
         if proc.poll() is None:
             kill_tree(proc)
@@ -131,14 +173,36 @@ def test_runpod_sh_survives_a_remote_outage_and_the_loss_of_its_pod(tmp_path):
 
 
 @pytest.mark.e2e  # the preflight runs `medasr doctor`, which imports torch
-def test_check_reports_wrong_credentials_and_a_bad_wandb_key_in_one_line_each(tmp_path):
+def test_check_reports_each_problem_in_one_line(tmp_path):
     s3 = S3Server(free_port())
     good = s3.start(auth=True)
+    fake = FakeRunPod(KEY)
     try:
         repo = pod_checkout(tmp_path / "pod")
         ok = runpod(repo, tmp_path / "work", s3, "--check", **good)
         out = ok.communicate(timeout=300)[0]
         assert ok.returncode == 0 and "preflight ok" in out, out[-3000:]
+
+        # another live pod holds the remote's lease; this pod has been up an hour of a half-hour deadline; the disk
+        # is below its floor
+        other = run_env() | CREDENTIALS | good | {"RUNPOD_POD_ID": "other-pod", "MEDASR_LEASE_PID": str(os.getpid())}
+        other["MEDASR_LEASE_SETTLE_S"] = "2"
+        take = subprocess.run(["medasr", "loop", "lease", "take"], cwd=repo, env=other, capture_output=True, text=True)
+        assert take.returncode == 0, take.stderr
+        spec = PodSpec(name="medasr", repo_url="https://example.invalid/medasr.git", git_ref="abc", run_id="default")
+        pod = RunPodAPI(KEY, base_url=fake.url).create(create_payload(spec, "NVIDIA H100 PCIe", {}))["id"]
+        fake.pods[pod]["startedAt"] = (datetime.now(UTC) - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        pod_env = {"RUNPOD_POD_ID": pod, "RUNPOD_API_KEY": KEY, "MEDASR_RUNPOD_API_URL": fake.url}
+        limits = {"MEDASR_DEADLINE_H": "0.5", "MEDASR_MIN_FREE_GB": "1000000"}
+        stuck = runpod(repo, tmp_path / "work", s3, "--check", **good, **pod_env, **limits)
+        out = stuck.communicate(timeout=300)[0]
+        assert stuck.returncode == 1, out[-3000:]
+        problems = [line.split("problem: ", 1)[1] for line in out.splitlines() if "problem:" in line]
+        assert len(problems) == 3, out[-3000:]
+        assert problems[0].startswith("disk low: ") and "need 1e+06" in problems[0]
+        assert problems[1].startswith("lease held by pod other-pod (host ")
+        assert problems[2].startswith("deadline reached: the pod has been up 1.0")
+        assert "Traceback" not in out and KEY not in out
 
         wandb_key = "f" * 40
         bad = runpod(
@@ -168,3 +232,4 @@ def test_check_reports_wrong_credentials_and_a_bad_wandb_key_in_one_line_each(tm
         assert "attempt 2" not in out
     finally:
         s3.stop()
+        fake.close()
