@@ -79,10 +79,10 @@ def _steps(ws: Path) -> list[int]:
 
 
 def _signal_after_checkpoint(
-    ws: Path, proc: subprocess.Popen, sig: int, newer_than: int = 0
+    ws: Path, proc: subprocess.Popen, sig: int, newer_than: int = 0, group: bool = True
 ) -> tuple[int, list[psutil.Process]]:
-    """Send `sig` to `proc`'s whole group once a checkpoint newer than step `newer_than` is complete; returns the
-    newest complete checkpoint's step at that moment and the processes the run had then (ranks, data workers)."""
+    """Send `sig` to `proc`'s whole group (or to `proc` alone) once a checkpoint newer than step `newer_than` is
+    complete; returns the newest complete checkpoint's step at that moment and the processes the run had then."""
     deadline = time.time() + 300
     while not (steps := [s for s in _steps(ws) if s > newer_than]):
         assert proc.poll() is None, (ws / "train.log").read_text()[-4000:]
@@ -92,7 +92,10 @@ def _signal_after_checkpoint(
     # rank 1: started by rank 0 with LOCAL_RANK=1 (the others are data workers, forked without a new environment)
     assert [p for p in tree if p.parent().pid == proc.pid and p.environ().get("LOCAL_RANK") == "1"], tree
     assert {os.getpgid(p.pid) for p in tree} == {proc.pid}, "a rank or worker left the stage's process group"
-    os.killpg(proc.pid, sig)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        os.kill(proc.pid, sig)
     return steps[-1], tree
 
 
@@ -102,7 +105,7 @@ class Runs:
     killed: Path
     killed_at: int  # the newest checkpoint's step when the group was killed
     killed_left: list[psutil.Process]  # processes of the killed group still alive after SIGKILL
-    stopped_rc: int  # the rerun's exit status after SIGTERM to its group
+    stopped_rc: int  # the rerun's exit status after SIGTERM to rank 0
     stopped_after: int  # the newest checkpoint's step when SIGTERM was sent
     stopped_steps: list[int]  # its checkpoints once it exited
     stopped_left: list[psutil.Process]
@@ -120,8 +123,11 @@ def runs(tmp_path_factory, demo_manifests) -> Runs:
         time.sleep(0.5)
         killed_left = _alive(tree)
         procs[1] = _start(killed, killed / "train.log")
-        # what DVC or runpod.sh does to stop a stage: SIGTERM, which reaches each rank at its own moment
-        stopped_after, tree = _signal_after_checkpoint(killed, procs[1], signal.SIGTERM, newer_than=killed_at)
+        # what runpod.sh does to stop a stage on a pod: SIGTERM to the stage process (rank 0) alone, which must stop
+        # the other ranks (a signal to the whole group, as a terminal's Ctrl-C sends, reaches each rank itself)
+        stopped_after, tree = _signal_after_checkpoint(
+            killed, procs[1], signal.SIGTERM, newer_than=killed_at, group=False
+        )
         stopped_rc = procs[1].wait(timeout=120)
         stopped_steps = _steps(killed)
         time.sleep(0.5)
@@ -170,11 +176,11 @@ def _final(ws: Path) -> dict:
 
 
 @pytest.mark.e2e
-def test_group_sigkill_and_sigterm_then_reruns_resume_and_match_the_uninterrupted_run(runs):
+def test_group_sigkill_and_sigterm_to_rank_0_then_reruns_resume_and_match_the_uninterrupted_run(runs):
     assert not runs.killed_left, f"outlived SIGKILL of their group: {runs.killed_left}"
     # SIGTERM: every rank checkpointed at the one step they agreed on, then all exited 128 + SIGTERM
     assert runs.stopped_rc == 128 + signal.SIGTERM, (runs.killed / "train.log").read_text()[-4000:]
-    assert not runs.stopped_left, f"outlived SIGTERM of their group: {runs.stopped_left}"
+    assert not runs.stopped_left, f"outlived SIGTERM to rank 0: {runs.stopped_left}"
     assert runs.stopped_steps[-1] > runs.stopped_after > runs.killed_at > 0, runs
     metrics = json.loads((runs.killed / "metrics" / "train.json").read_text())
     assert metrics["resume_source"] == "local" and metrics["resumed_from_step"] == runs.stopped_steps[-1], metrics
