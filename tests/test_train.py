@@ -303,3 +303,18 @@ def test_token_budget_and_buckets_batch_clips_of_similar_length(tmp_path):
     short = [len(b) for b in budget if b[0] == 1.0]
     long = [len(b) for b in budget if b[0] == 12.0]
     assert max(long) <= 4 < max(short), budget
+
+
+def test_the_mirror_gets_what_is_left_of_the_stop_grace_after_the_save(monkeypatch):
+    # runpod.sh kills the stage train.stop_grace_s (+ a margin) after the signal: a slow save must shorten the drain
+    from stages.train import callback
+
+    now = [1000.0]
+    monkeypatch.setattr(callback.time, "monotonic", lambda: now[0])
+    stop = callback.StopRequest()
+    assert stop.grace_left(120) == 120  # stopping on another rank's signal: the whole grace
+    stop.handle(signal.SIGTERM, None)
+    now[0] += 45  # the step and the save took 45 s
+    assert stop.grace_left(120) == 75
+    now[0] += 300
+    assert stop.grace_left(120) == 1.0  # never zero: one last try

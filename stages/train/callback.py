@@ -45,11 +45,18 @@ class StopRequest:
     """Set by a SIGTERM/SIGINT handler; the callback checkpoints after the current step, then exits."""
 
     signal: int | None = None
+    at: float = 0.0  # time.monotonic() of the first signal: the grace time counts from there
 
     def handle(self, signum: int, frame: Any) -> None:
         if self.signal is None:
             log.warning("received %s: checkpointing after this step, then exiting", signal.Signals(signum).name)
+            self.at = time.monotonic()
         self.signal = signum
+
+    def grace_left(self, grace_s: float) -> float:
+        """What is left of `grace_s` since the signal (all of it when this rank stops on another rank's signal):
+        runpod.sh kills the stage train.stop_grace_s plus a margin after the signal, not after the save."""
+        return max(1.0, grace_s - (time.monotonic() - self.at)) if self.signal is not None else grace_s
 
 
 @contextmanager
@@ -207,7 +214,7 @@ class TrainingCallback(Callback):
             self.save(trainer, step)
         if stopping:
             self.save(trainer, step)
-            if self.uploader is not None and not self.uploader.drain(self.train.stop_grace_s):
+            if self.uploader is not None and not self.uploader.drain(self.stop.grace_left(self.train.stop_grace_s)):
                 log.error(
                     "stop grace time (%ss) ran out before the last checkpoint was mirrored", self.train.stop_grace_s
                 )
