@@ -11,9 +11,10 @@
 # Failures back off (full jitter). It gives up, and stops the pod, after N fast failures or K attempts in a row that
 # made no progress (no new checkpoint step, no stage finished: `medasr loop progress`), so a failure that repeats
 # itself does not bill the GPU forever.
-# While the pipeline runs, a background publisher copies the heartbeat to the remote every MEDASR_STATUS_EVERY_S and
-# renews the lease (`medasr loop beat --lease`); when another pod has taken the lease, this one stops its pipeline
-# and its pod without publishing anything (the run's status is the other pod's now).
+# While the pipeline runs, one background process (`medasr loop beat --lease --every`, its warnings in
+# $MEDASR_WORKDIR/logs/beat.log) copies the heartbeat to the remote every MEDASR_STATUS_EVERY_S (whole seconds) and
+# renews the lease; when another pod has taken the lease, this one stops its pipeline and its pod without publishing
+# anything (the run's status is the other pod's now).
 # Stop signals (TERM/INT, RunPod's stop): DVC runs a stage as a plain child of its own process, in its process group,
 # so the signal goes by pid: SIGTERM to the stage process (every stage command writes its pid to
 # $MEDASR_STAGE_PIDFILE; it stops its own data workers and DDP ranks, which must not get the signal themselves) and
@@ -101,50 +102,33 @@ publish() {  # the heartbeat to the remote now (states other than running); `med
   line=$(timeout 120 medasr loop beat --heartbeat "$LOGS/heartbeat" 2>&1 >/dev/null) \
     || log "warning: the status was not published: $(last_line <<<"$line")"
 }
-publisher() {  # in the background while the pipeline runs; exits 2 when another pod has taken the lease
-  # A beat starts every STATUS_EVERY_S, two at most in flight (one beat starts python and an S3 client: seconds)
-  local slot rc pace="" beats=(0 0)
-  # the beats in flight land before the loop publishes anything else: no "running" after the final status
-  trap '[[ -n $pace ]] && kill "$pace" 2>/dev/null; wait; exit 0' TERM
-  while :; do
-    for slot in 0 1; do
-      (( beats[slot] )) && ! kill -0 "${beats[slot]}" 2>/dev/null || continue
-      wait "${beats[slot]}"; rc=$? beats[slot]=0
-      if (( rc == 2 )); then
-        mv "$LOGS/beat-$slot.err" "$LOGS/lease-lost"
-        wait; exit 2
-      fi
-      (( rc == 0 )) || log "warning: heartbeat not published (exit $rc): $(last_line <"$LOGS/beat-$slot.err")"
-    done
-    for slot in 0 1; do
-      (( beats[slot] )) && continue
-      timeout 120 medasr loop beat --heartbeat "$LOGS/heartbeat" --lease >/dev/null 2>"$LOGS/beat-$slot.err" &
-      beats[slot]=$!
-      break
-    done
-    sleep "$STATUS_EVERY_S" & pace=$!
-    wait "$pace"
-  done
+PUBLISHER=0 PUBLISHER_AT=0
+start_publisher() {  # one process beats every STATUS_EVERY_S (the remote opened once); exit 2: the lease is lost
+  medasr loop beat --heartbeat "$LOGS/heartbeat" --lease --every "$STATUS_EVERY_S" >/dev/null 2>>"$LOGS/beat.log" &
+  PUBLISHER=$! PUBLISHER_AT=$SECONDS
 }
-PUBLISHER=0
-start_publisher() { publisher & PUBLISHER=$!; }
-check_publisher() {  # restart a publisher that died; stop the pipeline when the lease is lost
-  (( PUBLISHER )) && ! kill -0 "$PUBLISHER" 2>/dev/null || return 0
-  wait "$PUBLISHER"
-  local rc=$?
+publisher_ended() {  # $1: its exit code. 2: another pod holds the lease (its line, the log's last, says which)
   PUBLISHER=0
-  if (( rc == 2 )); then
-    LEASE_LOST=$(last_line <"$LOGS/lease-lost")
-    begin_stop "${LEASE_LOST:-lease lost}"
-  else
-    start_publisher
+  (( $1 == 2 )) && LEASE_LOST=$(last_line <"$LOGS/beat.log") && LEASE_LOST=${LEASE_LOST:-lease lost}
+}
+check_publisher() {  # stop the pipeline when the lease is lost; restart a publisher that died, at most once a period
+  if (( PUBLISHER )) && ! running "$PUBLISHER"; then
+    wait "$PUBLISHER"
+    local rc=$?
+    publisher_ended $rc
+    if [[ -n $LEASE_LOST ]]; then begin_stop "$LEASE_LOST"; return; fi
+    log "warning: the heartbeat publisher exited (code $rc): $(last_line <"$LOGS/beat.log")"
   fi
+  (( PUBLISHER )) || [[ -n $LEASE_LOST ]] || (( SECONDS - PUBLISHER_AT < STATUS_EVERY_S )) || start_publisher
 }
-stop_publisher() {
+stop_publisher() {  # SIGTERM: its beat in flight lands first, so no "running" comes after the loop's final status
   (( PUBLISHER )) || return 0
+  local rc until=$(( SECONDS + 120 ))
   kill -TERM "$PUBLISHER" 2>/dev/null
-  while kill -0 "$PUBLISHER" 2>/dev/null; do wait "$PUBLISHER"; done   # a signal to us interrupts `wait`
-  PUBLISHER=0
+  while running "$PUBLISHER" && (( SECONDS < until )); do sleep 0.2 & wait $!; done
+  running "$PUBLISHER" && { log "warning: the heartbeat publisher did not stop: SIGKILL"; kill -KILL "$PUBLISHER"; }
+  while :; do wait "$PUBLISHER"; rc=$?; running "$PUBLISHER" || break; done   # a signal to us interrupts `wait`
+  publisher_ended $rc
 }
 
 # --- setup: once per container start ----------------------------------------------------------------------------------
@@ -209,16 +193,7 @@ budget_left() {  # the pod's deadline and budget (MEDASR_DEADLINE_H, MEDASR_MAX_
 
 lease_free() {  # --check: whether another live pod holds the remote's lease (read only: nothing is taken)
   local line
-  line=$(python - 2>&1 <<'EOF' | last_line
-import time
-from medasr.ops.lease import describe, expires_in, judge, read_lease, whoami
-found = read_lease()
-state, why = judge(*found, time.time(), whoami()) if found else ("free", "no lease")
-if state == "held":
-    raise SystemExit(f"lease held by {describe(found[0], expires_in(*found, time.time()))}")
-print(f"lease {state}: {why}")
-EOF
-  ) && { log "$line"; return 0; }
+  line=$(medasr loop lease check 2>&1 | last_line) && { log "$line"; return 0; }
   log "problem: $line"
   return 1
 }
@@ -335,7 +310,7 @@ stop_code() { [[ $STOPPING == INT ]] && echo 130 || echo 143; }
 run_child() {
   # Runs the pipeline in its own session, logging to a file, with a watchdog on log growth.
   local log_file=$LOGS/pipeline.log size=-1 last_growth=$SECONDS rc now_size
-  rm -f "$MEDASR_STAGE_PIDFILE" "$LOGS/lease-lost"
+  rm -f "$MEDASR_STAGE_PIDFILE"
   heartbeat running "attempt $attempt"
   setsid bash -c "$(declare -f pipeline); pipeline" >>"$log_file" 2>&1 &
   CHILD=$! KILL_AT=0 TRACKED=""

@@ -6,15 +6,14 @@ imports torch, NeMo or a stage.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
+import signal
+import time
 from pathlib import Path
 from typing import NoReturn
 
 import typer
 
-from medasr import MedasrError
 from medasr.paths import CHECKPOINT_ROOT
 
 EXIT_TRANSIENT = 1
@@ -32,42 +31,77 @@ def _fail(code: int, line: str) -> NoReturn:
 
 
 def _one_line(exc: BaseException) -> str:
-    from medasr.secrets import one_line
+    from medasr.ops.podside import error_line
 
-    return str(exc) if isinstance(exc, MedasrError) else one_line(exc)
+    return error_line(exc)
+
+
+class _Stopped(Exception):
+    """SIGTERM while `beat --every` waits between beats."""
 
 
 @loop_app.command()
 def beat(
     heartbeat: Path = typer.Option(..., help="runpod.sh's heartbeat file (one JSON object)."),
     lease: bool = typer.Option(False, "--lease", help="Also renew this loop's lease (exit 2 when it is lost)."),
+    every: float = typer.Option(
+        0.0, "--every", help="Beat every S seconds until SIGTERM, in this one process (0: once, then exit)."
+    ),
     run_id: str = typer.Option("default", envvar="MEDASR_RUN_ID"),
 ) -> None:
-    """Publish the heartbeat, with the last complete checkpoint step added, as the run status on the DVC remote."""
-    from medasr.ops.lease import LeaseHeld, take_lease
-    from medasr.ops.podside import last_step
-    from medasr.ops.status import publish_status
+    """Publish the heartbeat, with the last complete checkpoint step added, as the run status on the DVC remote. With
+    --every, a failed publish or renewal is a warning line and the beats go on (the lease's TTL covers a few); SIGTERM
+    lets the beat in flight land, then exits 0, so no beat lands after what the loop publishes next."""
+    from medasr.ops.lease import LeaseHeld
+    from medasr.ops.podside import Beater
+
+    beater = Beater(heartbeat, run_id, lease)
+    state = {"busy": False, "stopping": False}
+
+    def on_term(signum: int, frame: object) -> None:
+        state["stopping"] = True
+        if not state["busy"]:
+            raise _Stopped
+
+    if every > 0:
+        signal.signal(signal.SIGTERM, on_term)
+    next_at = time.monotonic()
+    try:
+        while True:
+            state["busy"] = True
+            try:
+                problems = beater.beat()
+            except LeaseHeld as held:  # the other pod owns the run status now: publish nothing over it
+                who = held.lease
+                _fail(EXIT_FINAL, f"lease lost: held by pod {who.get('pod') or '?'} (host {who.get('host')})")
+            if every <= 0:
+                if problems:  # the publish's problem over the renewal's: one line
+                    _fail(EXIT_TRANSIENT, problems[-1])
+                return
+            state["busy"] = False
+            for line in problems:
+                typer.echo(f"warning: {line}", err=True)
+            if state["stopping"]:
+                return
+            next_at = max(next_at + every, time.monotonic())
+            time.sleep(max(0.0, next_at - time.monotonic()))
+    except _Stopped:
+        return
+
+
+@lease_app.command("check")
+def lease_check() -> None:
+    """Read only: exit 0 when this loop may take the lease (free, its own, reclaimable), 2 when another live holder
+    has it, 1 when it cannot be read."""
+    from medasr.ops.lease import check_lease
 
     try:
-        status = json.loads(heartbeat.read_text()) | {"step": last_step()}
-    except (OSError, ValueError, TypeError) as exc:  # runpod.sh rewrites it: try again at the next beat
-        _fail(EXIT_TRANSIENT, f"heartbeat {heartbeat} unreadable: {_one_line(exc)}")
-    lease_error = None
-    if lease:
-        try:
-            take_lease()
-        except LeaseHeld as held:  # the other pod owns the run status now: publish nothing over it
-            _fail(EXIT_FINAL, f"lease lost: held by pod {held.lease.get('pod') or '?'} (host {held.lease.get('host')})")
-        except Exception as exc:
-            lease_error = f"could not renew the lease: {_one_line(exc)}"
-    try:
-        with tempfile.TemporaryDirectory(prefix="medasr-beat-") as tmp:
-            (Path(tmp) / "status.json").write_text(json.dumps(status))
-            publish_status(Path(tmp) / "status.json", run_id)
-    except Exception as exc:
-        _fail(EXIT_TRANSIENT, f"could not publish the run status: {_one_line(exc)}")
-    if lease_error:
-        _fail(EXIT_TRANSIENT, lease_error)
+        state, line = check_lease()
+    except Exception as exc:  # unreadable is not free
+        _fail(EXIT_TRANSIENT, f"lease unreadable: {_one_line(exc)}")
+    if state == "held":
+        _fail(EXIT_FINAL, line)
+    typer.echo(line)
 
 
 @lease_app.command("take")

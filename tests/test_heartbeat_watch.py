@@ -1,5 +1,5 @@
 """The heartbeat and the watcher together: the real runpod.sh (install and preflight included) on a checkout whose
-DVC remote is a local S3 server, its pipeline replaced by a 30 s command (MEDASR_CHILD), publishing every second;
+DVC remote is a local S3 server, its pipeline replaced by a 20 s command (MEDASR_CHILD), publishing every second;
 `medasr pod watch`'s loop in this process against the fake RunPod API, reading that heartbeat from the remote."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from medasr.ops.status import read_status
 from medasr.ops.watch import WatchSettings, watch
 
 KEY = "rpa_heartbeat_test_key_0123"
-SCALE = 10.0  # the watcher's clock runs 10 times faster than the real one
-STALE_S = 80.0  # its staleness limit, on that clock: 8 real seconds without a new heartbeat
+SCALE = 16.0  # the watcher's clock runs 16 times faster than the real one: 15 real s cover three staleness limits
+STALE_S = 80.0  # its staleness limit, on that clock: 5 real seconds without a new heartbeat
 
 
 class Done(Exception):
@@ -37,7 +37,7 @@ def test_a_live_heartbeat_keeps_the_watcher_from_restarting_a_healthy_pod(tmp_pa
     spec = PodSpec(name="medasr", repo_url="https://example.invalid/medasr.git", git_ref="abc123", run_id="default")
     pod = api.create(create_payload(spec, "NVIDIA H100 PCIe", {}))["id"]
     repo = pod_checkout(tmp_path / "pod")
-    child = "for i in $(seq 30); do echo step $i; sleep 1; done"
+    child = "for i in $(seq 20); do echo step $i; sleep 1; done"
     proc = runpod(
         repo,
         tmp_path / "work",

@@ -136,6 +136,12 @@ def test_lease_taken_renewed_refused_and_released(ws, s3, loops, in_process):
     said = re.fullmatch(rf"lease held by pod podA \(host \S+, pid {a.pid}\), expires in (\d+) s", one_line(refused))
     assert said and 800 < int(said.group(1)) <= 900, one_line(refused)
     assert not release_lease(ws, pod_id="podB") and lease_on(s3)["pod"] == "podA"  # another's is left alone
+    before = lease_on(s3)
+    checked = loop(ws, "lease", "check", **as_loop(b, "podB"))  # runpod.sh --check: read only
+    assert checked.returncode == 2 and one_line(checked).startswith("lease held by pod podA (host "), checked.stderr
+    assert lease_on(s3) == before  # nothing written
+    mine = loop(ws, "lease", "check", **as_loop(a, "podA"))
+    assert mine.returncode == 0 and mine.stdout.strip() == "lease mine: held by this loop", mine.stderr
 
     heartbeat = ws / "heartbeat"
     heartbeat.write_text(json.dumps({"time": 1, "state": "running", "detail": "", "pod": "podB", "run": "rb"}))
@@ -175,7 +181,7 @@ def test_lease_reclaimed_when_its_holder_is_gone_restarted_or_expired(ws, s3, lo
 def test_an_unreadable_lease_is_exit_1_never_free(tmp_path, loops):
     dead = dvc_workspace(tmp_path / "ws", "s3://nowhere/medasr", f"http://127.0.0.1:{free_port()}")
     a = loops()
-    for args in (["lease", "take"], ["beat", "--heartbeat", str(tmp_path / "hb"), "--lease"]):
+    for args in (["lease", "take"], ["lease", "check"], ["beat", "--heartbeat", str(tmp_path / "hb"), "--lease"]):
         (tmp_path / "hb").write_text(json.dumps({"time": 1, "state": "running", "detail": "", "pod": "", "run": "r"}))
         failed = loop(dead, *args, AWS_MAX_ATTEMPTS="1", **as_loop(a, "podA"))
         assert failed.returncode == 1, (args, failed.stdout, failed.stderr)
@@ -295,6 +301,72 @@ def test_beat_publishes_the_heartbeat_with_the_last_complete_step_and_renews_the
     assert json.loads(s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read()) == beat | {"step": 40}
     assert json.loads(heartbeat.read_text()) == beat  # runpod.sh's own file is not rewritten
     assert lease_on(s3)["pod"] == "podA"
+
+
+def test_beat_every_beats_from_one_process_until_sigterm_or_a_rival_takes_the_lease(ws, s3, loops):
+    """runpod.sh's publisher: one `beat --every` process, the remote opened once. Several distinct statuses in a few
+    seconds; SIGTERM lets the beat in flight land, exits 0, and nothing lands after; a rival's lease: exit 2 at the
+    next beat, one line."""
+    a = loops()
+    heartbeat, key, period = ws / "hb.json", f"{PREFIX}/medasr-status/r1/status.json", 0.5
+    assert loop(ws, "lease", "take", **as_loop(a, "podA")).returncode == 0  # as runpod.sh does before each attempt
+    env = run_env() | CREDENTIALS | as_loop(a, "podA") | {"MEDASR_RUN_ID": "r1"}
+
+    def status() -> tuple[dict, object] | None:
+        try:
+            got = s3.client().get_object(Bucket=s3.bucket, Key=key)
+        except Exception:
+            return None
+        return json.loads(got["Body"].read()), got["LastModified"]
+
+    def beats(seconds: float, proc: subprocess.Popen | None = None) -> list[int]:
+        """Rewrite the heartbeat (as runpod.sh does each second, faster) for `seconds` or until `proc` exits; the
+        distinct times published meanwhile."""
+        seen: list[int] = []
+        until = time.monotonic() + seconds
+        while time.monotonic() < until and (proc is None or proc.poll() is None):
+            heartbeat.write_text(json.dumps({"time": time.time_ns(), "state": "running", "pod": "podA", "run": "r1"}))
+            if (got := status()) is not None and got[0]["time"] not in seen:
+                seen.append(got[0]["time"])
+            time.sleep(0.05)
+        return seen
+
+    def start() -> subprocess.Popen:
+        heartbeat.write_text(json.dumps({"time": 0, "state": "running", "pod": "podA", "run": "r1"}))
+        args = ["loop", "beat", "--heartbeat", str(heartbeat), "--lease", "--every", str(period)]
+        proc = subprocess.Popen([str(VENV_BIN / "medasr"), *args], cwd=ws, env=env, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while ((got := status()) is None or got[0]["time"] != 0) and proc.poll() is None:  # its start: ~2 s
+            assert time.monotonic() < deadline, "no first beat"
+            time.sleep(0.1)
+        return proc
+
+    beater = start()
+    seen = beats(4.0, beater)
+    assert beater.poll() is None and len(seen) >= 4, (seen, beater.poll())  # ~8 at 0.5 s, each a beat of this one
+    beater.send_signal(signal.SIGTERM)
+    began = time.monotonic()
+    assert beater.wait(timeout=30) == 0 and beater.stderr.read() == ""
+    stopped_in = time.monotonic() - began
+    last = status()
+    assert beats(3 * period) == [last[0]["time"]] and status() == last  # no beat landed after it returned
+    assert stopped_in < 2 * period + 2, stopped_in
+
+    beater = start()
+    beats(1.0, beater)
+    assert beater.poll() is None
+    # another pod took the lease (ours had expired); it writes it again meanwhile, as its own renewals do: a beat in
+    # flight (read before, written after) may land over the first write
+    rival = json.dumps(lease_on(s3) | {"pod": "podB", "host": "other-host"})
+    taken = time.monotonic()
+    while beater.poll() is None and time.monotonic() < taken + 30:
+        s3.client().put_object(Bucket=s3.bucket, Key=f"{PREFIX}/medasr-status/lease.json", Body=rival)
+        time.sleep(0.2)
+    assert beater.wait(timeout=1) == 2
+    assert time.monotonic() - taken < period + 2.2  # at the next beat (one period, its S3 requests, a loaded machine)
+    said = beater.stderr.read()
+    assert said.splitlines()[-1] == "lease lost: held by pod podB (host other-host)", said
+    assert lease_on(s3)["pod"] == "podB"
 
 
 # --- stopping the pod ----------------------------------------------------------------------------------------------

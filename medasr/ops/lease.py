@@ -140,6 +140,11 @@ def lease_state(
     return judge(lease, modified, now, me, alive)[0]
 
 
+def lease_location(repo_root: Path | str = ".") -> tuple[Any, str]:
+    """The default remote's filesystem and the lease's path on it (opens the DVC repository: seconds of CPU)."""
+    return _lease_file(repo_root)
+
+
 def _lease_file(repo_root: Path | str) -> tuple[Any, str]:
     remote = default_remote(repo_root)
     if remote is None:
@@ -180,6 +185,20 @@ def read_lease(repo_root: Path | str = ".") -> tuple[Lease, float] | None:
     return _read(*_lease_file(repo_root))
 
 
+def check_lease(
+    repo_root: Path | str = ".", me: Holder | None = None, clock: Callable[[], float] = time.time
+) -> tuple[str, str]:
+    """(state, one line) of the lease for `me` (default: whoami()), as lease_state says; read only. Raises when the
+    lease cannot be read."""
+    found = read_lease(repo_root)
+    if found is None:
+        return "free", "lease free: no lease"
+    state, why = judge(*found, clock(), me or whoami())
+    if state == "held":
+        return state, f"lease held by {describe(found[0], expires_in(*found, clock()))}"
+    return state, f"lease {state}: {why}"
+
+
 def _write(fs: Any, target: str, lease: Lease) -> None:
     with tempfile.TemporaryDirectory(prefix="medasr-lease-") as tmp:
         local = Path(tmp) / LEASE_FILE
@@ -202,14 +221,16 @@ def take_lease(
     ttl_s: float | None = None,
     settle_s: float | None = None,
     clock: Callable[[], float] = time.time,
+    where: tuple[Any, str] | None = None,
 ) -> str:
     """Take or renew the lease for `me` (default: whoami()). Returns one line saying what happened; raises LeaseHeld
     when another live holder has it (also when a rival wrote over ours while it settled), MedasrError (try again) when
-    reading and writing it took `settle_s` or longer."""
+    reading and writing it took `settle_s` or longer. `where`: (fs, path) from lease_location, to skip opening the
+    DVC repository again (a long-lived caller)."""
     me = me or whoami()
     ttl = _env_s("MEDASR_LEASE_TTL_S", TTL_S) if ttl_s is None else ttl_s
     settle = _env_s("MEDASR_LEASE_SETTLE_S", SETTLE_S) if settle_s is None else settle_s
-    fs, target = _lease_file(repo_root)
+    fs, target = where or _lease_file(repo_root)
     started = time.monotonic()
     found = _read(fs, target)
     lease, modified = found if found is not None else (None, 0.0)

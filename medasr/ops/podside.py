@@ -11,15 +11,18 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from medasr import MedasrError
 from medasr.files import write_json_atomic
-from medasr.ops.lease import process_alive
-from medasr.paths import CHECKPOINT_META, CHECKPOINT_ROOT, POD_CLOCK_DIR, STAGE_PIDFILE_ENV, aside_of
+from medasr.ops.lease import LeaseHeld, lease_location, process_alive, take_lease, whoami
+from medasr.ops.status import _status_file
+from medasr.paths import CHECKPOINT_META, CHECKPOINT_ROOT, POD_CLOCK_DIR, STAGE_PIDFILE_ENV, STATUS_FILE, aside_of
 from medasr.secrets import REDACTED, SECRETS, one_line
 
 DVC_LOCK = Path("dvc.lock")
@@ -45,6 +48,54 @@ def progress_token(ckpt_root: Path = CHECKPOINT_ROOT, lock: Path = DVC_LOCK) -> 
     step = last_step(ckpt_root)
     digest = hashlib.sha256(lock.read_bytes()).hexdigest()[:12] if lock.is_file() else "none"
     return f"step={'none' if step is None else step} lock={digest}"
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for an error: ours as worded, any other redacted of secrets."""
+    return str(exc) if isinstance(exc, MedasrError) else one_line(exc)
+
+
+# --- the heartbeat ----------------------------------------------------------------------------------------------------
+class Beater:
+    """Publishes runpod.sh's heartbeat file, with the last complete checkpoint step added, as the run status; with a
+    lease, renews this loop's lease first, so a pod that lost it publishes nothing over the new holder's status. The
+    remote is opened once (a DVC Repo costs seconds of CPU), so `medasr loop beat --every` pays only S3 requests per
+    beat; lease reads ask the store each time (info(refresh=True)), never s3fs's listing cache."""
+
+    def __init__(self, heartbeat: Path, run_id: str, lease: bool, repo_root: Path | str = ".") -> None:
+        self.heartbeat, self.run_id, self.repo_root = heartbeat, run_id, repo_root
+        self.me = whoami() if lease else None
+        self._where: tuple[tuple[Any, str], tuple[Any, str]] | None = None
+
+    def beat(self) -> list[str]:
+        """One beat; returns its problems, one line each (the next beat tries again: the lease's TTL covers a few).
+        Raises LeaseHeld, having published nothing, when another live holder has the lease."""
+        try:
+            status = json.loads(self.heartbeat.read_text()) | {"step": last_step()}
+        except (OSError, ValueError, TypeError) as exc:  # runpod.sh rewrites it: read again at the next beat
+            return [f"heartbeat {self.heartbeat} unreadable: {error_line(exc)}"]
+        try:
+            if self._where is None:
+                self._where = _status_file(self.run_id, self.repo_root), lease_location(self.repo_root)
+        except Exception as exc:
+            return [f"could not publish the run status: {error_line(exc)}"]
+        (fs, target), lease_at = self._where
+        problems = []
+        if self.me is not None:
+            try:
+                take_lease(self.repo_root, self.me, where=lease_at)
+            except LeaseHeld:
+                raise
+            except Exception as exc:
+                problems.append(f"could not renew the lease: {error_line(exc)}")
+        try:
+            with tempfile.TemporaryDirectory(prefix="medasr-beat-") as tmp:
+                (Path(tmp) / STATUS_FILE).write_text(json.dumps(status))
+                fs.makedirs(fs.parent(target), exist_ok=True)
+                fs.put_file(str(Path(tmp) / STATUS_FILE), target)
+        except Exception as exc:
+            problems.append(f"could not publish the run status: {error_line(exc)}")
+        return problems
 
 
 # --- the pod's own deadline and budget --------------------------------------------------------------------------------
