@@ -70,7 +70,7 @@ WORKDIR=${MEDASR_WORKDIR:-/workspace}
 LOGS=$WORKDIR/logs
 MAX_FAST_FAILURES=${MEDASR_MAX_FAST_FAILURES:-5}
 FAST_FAILURE_S=${MEDASR_FAST_FAILURE_S:-300}
-MAX_STALLED=${MEDASR_MAX_STALLED_ATTEMPTS:-3}
+MAX_STALLED_ATTEMPTS=${MEDASR_MAX_STALLED_ATTEMPTS:-3}
 BACKOFF_BASE_S=${MEDASR_BACKOFF_BASE_S:-10}
 BACKOFF_MAX_S=${MEDASR_BACKOFF_MAX_S:-600}
 HUNG_AFTER_S=${MEDASR_HUNG_AFTER_S:-1800}
@@ -81,6 +81,8 @@ VENV=${MEDASR_VENV:-$WORKDIR/venv}
 export MEDASR_WORKDIR=$WORKDIR MEDASR_RUN_ID=${MEDASR_RUN_ID:-default}
 # the stage commands write their pid here; the lease names this loop's process as its holder
 export MEDASR_STAGE_PIDFILE=$LOGS/stage.pid MEDASR_LEASE_PID=$$
+# the git token is for git_push alone: no stage, tracker or DVC process gets it in its environment
+export -n MEDASR_GIT_TOKEN 2>/dev/null
 # caches on the persistent volume, so a new pod does not download everything again (DVC's: in preflight)
 export PIP_CACHE_DIR=$WORKDIR/cache/pip HF_HOME=$WORKDIR/cache/hf NEMO_CACHE_DIR=$WORKDIR/cache/nemo
 
@@ -98,9 +100,11 @@ heartbeat() {
 LEASE_LOST=""  # set when another pod holds the lease: this pod then publishes nothing more
 publish() {  # the heartbeat to the remote now (states other than running); `medasr loop beat` adds the step
   [[ -z $LEASE_LOST ]] || return 0
-  local line
-  line=$(timeout 120 medasr loop beat --heartbeat "$LOGS/heartbeat" 2>&1 >/dev/null) \
-    || log "warning: the status was not published: $(last_line <<<"$line")"
+  local line rc=0
+  # --lease: a pod that lost the lease since the last beat must not write over the status of the pod that has it
+  line=$(timeout 120 medasr loop beat --lease --heartbeat "$LOGS/heartbeat" 2>&1 >/dev/null) || rc=$?
+  if (( rc == 2 )); then LEASE_LOST=$(last_line <<<"$line"); log "$LEASE_LOST: status not published"
+  elif (( rc )); then log "warning: the status was not published: $(last_line <<<"$line")"; fi
 }
 PUBLISHER=0 PUBLISHER_AT=0
 start_publisher() {  # one process beats every STATUS_EVERY_S (the remote opened once); exit 2: the lease is lost
@@ -132,14 +136,23 @@ stop_publisher() {  # SIGTERM: its beat in flight lands first, so no "running" c
 }
 
 # --- setup: once per container start ----------------------------------------------------------------------------------
+background() {  # run "$@" in the background and wait: a stop signal is acted on at once, not when it ends
+  "$@" & wait $!
+  local rc=$?
+  [[ -n $STOPPING ]] && { kill $! 2>/dev/null; stopped; }
+  return $rc
+}
+
 install() {
   # The venv lives on the volume, so a new pod skips the install (a stamp file makes `make install` a no-op).
-  heartbeat installing
-  make install VENV="$VENV" >>"$LOGS/install.log" 2>&1 || { log "install failed: see $LOGS/install.log"; return 1; }
+  # --check writes no heartbeat: a live loop on this pod owns it
+  [[ $MODE == check ]] || heartbeat installing
+  background make install VENV="$VENV" >>"$LOGS/install.log" 2>&1 \
+    || { log "install failed: see $LOGS/install.log"; return 1; }
   export PATH="$VENV/bin:$PATH"
   # the base checkpoint and its LLM's tokenizer into the HF cache on the volume now, not on a stage's GPU time; a
   # failure is not fatal here: the train stage resolves the same files and says what is missing
-  [[ $MODE == check ]] || medasr download-model >>"$LOGS/install.log" 2>&1 \
+  [[ $MODE == check ]] || background medasr download-model >>"$LOGS/install.log" 2>&1 \
     || log "warning: medasr download-model failed (see $LOGS/install.log); the train stage will try again"
 }
 
@@ -326,20 +339,34 @@ run_child() {
     elif (( SECONDS >= KILL_AT )); then
       log "the pipeline did not exit within ${STOP_BOUND_S}s: SIGKILL to ${TRACKED% }"
       # shellcheck disable=SC2086
-      kill -KILL $TRACKED 2>/dev/null
+      kill -KILL $TRACKED -- "-$CHILD" 2>/dev/null
     fi
     sleep 1 & wait $!
   done
   wait "$CHILD"; rc=$?
+  reap_survivors
   (( KILL_AT )) && log "the pipeline exited (code $rc)"
   stop_publisher
   CHILD=0 KILL_AT=0
   return $rc
 }
 
+reap_survivors() {  # what the pipeline started and left running (dvc died; ranks or a trainer still up): stopped
+  # before the next attempt starts a second trainer on the same GPU and checkpoint folder. setsid made the
+  # pipeline's pid its process group, which DVC's and Lightning's plain child processes keep.
+  pgrep -g "$CHILD" >/dev/null 2>&1 || return 0
+  log "processes of the pipeline outlived it ($(pgrep -g "$CHILD" | tr '\n' ' ')): SIGTERM, SIGKILL after ${STOP_BOUND_S}s"
+  kill -TERM -- "-$CHILD" 2>/dev/null
+  local until=$(( SECONDS + STOP_BOUND_S ))
+  while pgrep -g "$CHILD" >/dev/null 2>&1 && (( SECONDS < until )); do sleep 1 & wait $!; done
+  kill -KILL -- "-$CHILD" 2>/dev/null
+  return 0
+}
+
 # --- endings: this script never exits into RunPod's container-restart loop --------------------------------------------
 idle() {  # until the pod is stopped (a stop signal ends it)
   while :; do
+    [[ -n $STOPPING ]] && exit "$(stop_code)"
     sleep 3600 & wait $!
     [[ -n $STOPPING ]] && exit "$(stop_code)"
   done
@@ -371,7 +398,8 @@ git_push() {  # MEDASR_GIT_PUSH=1: the pod's checkout is a detached HEAD, so the
   [[ -n ${MEDASR_GIT_TOKEN:-} ]] && auth=(-c credential.helper= -c credential.helper="$helper")
   if git add dvc.lock \
     && { git diff --cached --quiet || git "${who[@]}" commit -qm "runpod: results of run $MEDASR_RUN_ID"; } \
-    && GIT_TERMINAL_PROMPT=0 git "${auth[@]}" push -q origin "HEAD:refs/heads/$branch" >>"$LOGS/runpod.log" 2>&1; then
+    && GIT_TERMINAL_PROMPT=0 MEDASR_GIT_TOKEN=${MEDASR_GIT_TOKEN:-} git "${auth[@]}" push -q origin \
+      "HEAD:refs/heads/$branch" >>"$LOGS/runpod.log" 2>&1; then
     log "pushed dvc.lock to branch $branch"
   else
     log "could not commit/push dvc.lock to branch $branch (git credentials? see $LOGS/runpod.log)"
@@ -413,8 +441,18 @@ stopped() {
 }
 
 # --- main -------------------------------------------------------------------------------------------------------------
+# A setting bash cannot count with would end this script (PID 1) in an arithmetic error, into RunPod's restart loop:
+# each is checked once, here
+for setting in MAX_FAST_FAILURES FAST_FAILURE_S MAX_STALLED_ATTEMPTS BACKOFF_BASE_S BACKOFF_MAX_S HUNG_AFTER_S STOP_MARGIN_S \
+  STATUS_EVERY_S; do
+  [[ ${!setting} =~ ^[0-9]+$ ]] || give_up "MEDASR_$setting must be a whole number, got '${!setting}'"
+done
+[[ $ON_SUCCESS == stop || $ON_SUCCESS == sleep ]] || give_up "MEDASR_ON_SUCCESS must be stop or sleep"
 if [[ ${MEDASR_TEST_SKIP_SETUP:-0} != 1 || $MODE == check ]]; then
-  install || give_up "install failed"
+  if ! install; then
+    [[ $MODE == check ]] && { log "problem: install failed"; exit 1; }  # nothing published: a live loop may run
+    give_up "install failed"
+  fi
   if ! preflight; then
     [[ $MODE == check ]] && exit 1
     give_up "preflight failed (see the problem lines above)"
@@ -429,6 +467,7 @@ while :; do
   started=$SECONDS ran=0
   rm -f "$MEDASR_STAGE_PIDFILE"   # no stage runs now; a pid left by a killed one may be reused by any process
   log "attempt $attempt"
+  [[ -n $STOPPING ]] && stopped   # a signal during the backoff's publish or the setup
   if take_lease; rc=$?; (( rc != 0 )); then
     (( rc == 2 )) && lease_lost
     what="lease not taken"
@@ -453,7 +492,9 @@ while :; do
   # each resume is given up on however slow it is
   if (( ran )); then
     token=$(progress)
-    if [[ $token != "$TOKEN" ]]; then
+    if [[ $token == unknown || $TOKEN == unknown ]]; then  # unreadable: neither progress nor a stall
+      [[ $token == unknown ]] || TOKEN=$token
+    elif [[ $token != "$TOKEN" ]]; then
       log "progress since the last attempt: $token"
       TOKEN=$token stalled=0 fast_failures=0 failures=0
     else
@@ -468,7 +509,7 @@ while :; do
   if (( fast_failures >= MAX_FAST_FAILURES )); then
     give_up "$fast_failures fast failures in a row ($what): fix the cause (see $LOGS) instead of retrying"
   fi
-  if (( stalled >= MAX_STALLED )); then
+  if (( stalled >= MAX_STALLED_ATTEMPTS )); then
     give_up "$stalled attempts in a row made no progress ($what): fix the cause (see $LOGS) instead of retrying"
   fi
   cap=$(( BACKOFF_BASE_S * (1 << (failures > 10 ? 10 : failures)) ))
@@ -477,6 +518,6 @@ while :; do
   log "retrying in ${delay}s"
   heartbeat backoff "${delay}s after attempt $attempt"
   publish
-  sleep "$delay" & wait $!
+  [[ -n $STOPPING ]] || { sleep "$delay" & wait $!; }   # a signal during publish: no sleep first
   [[ -n $STOPPING ]] && { kill $! 2>/dev/null; stopped; }
 done

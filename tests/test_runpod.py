@@ -343,3 +343,35 @@ def test_stage_commands_hold_the_stage_pidfile_and_ranks_above_0_leave_it_alone(
         pidfile.write_text("999999\n")  # another process's: a stage replaces it, anything else leaves it
         subprocess.run(["medasr", *args], cwd=tmp_path, env=env | rank, capture_output=True)
         assert pidfile.exists() == left_alone and (not left_alone or pidfile.read_text() == "999999\n"), (args, rank)
+
+
+def test_a_setting_that_is_no_whole_number_gives_up_in_one_line_instead_of_crashing_pid_1(tmp_path):
+    # bash arithmetic on "0.5" would end the script: as PID 1, into RunPod's container-restart loop
+    proc = runpod(tmp_path, "echo never", "--once", MEDASR_BACKOFF_BASE_S="0.5")
+    out = finish(proc)
+    assert proc.returncode == 1, out
+    assert "giving up: MEDASR_BACKOFF_BASE_S must be a whole number, got '0.5'" in out
+    assert not (tmp_path / "work" / "logs" / "pipeline.log").exists()  # checked before any attempt
+
+
+def test_sigterm_during_a_long_backoff_stops_at_once(tmp_path):
+    proc = runpod(
+        tmp_path,
+        "exit 3",
+        pid1=True,
+        MEDASR_BACKOFF_BASE_S="300",
+        MEDASR_BACKOFF_MAX_S="300",
+        MEDASR_MAX_FAST_FAILURES="5",
+        MEDASR_MAX_STALLED_ATTEMPTS="5",
+    )
+    log = tmp_path / "work" / "logs" / "runpod.log"
+    deadline = time.time() + 60
+    while not (log.is_file() and "retrying in" in log.read_text()):
+        assert time.time() < deadline and proc.poll() is None, log.read_text() if log.is_file() else ""
+        time.sleep(0.1)
+    pid1(proc).send_signal(signal.SIGTERM)
+    started = time.time()
+    out = finish(proc, timeout=60)
+    assert proc.returncode == 143, out
+    assert time.time() - started < 20, out  # not the backoff's up to 300 s
+    assert remote_status(tmp_path)["state"] == "stopped"
