@@ -68,11 +68,26 @@ def verify_wandb(timeout_s: int = 20) -> str | None:
     key = os.environ.get("WANDB_API_KEY", "")
     if not key:
         return "WANDB_MODE=online but WANDB_API_KEY is not set"
+    import threading
+
     import wandb
 
-    try:
-        wandb.Api(api_key=key, timeout=timeout_s).viewer  # noqa: B018  (the property makes the authenticated call)
-    except Exception as exc:
+    failure: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            wandb.Api(api_key=key, timeout=timeout_s).viewer  # noqa: B018  (the property makes the authenticated call)
+        except Exception as exc:
+            failure.append(exc)
+
+    # W&B's client retries connection errors far beyond its request timeout: a preflight must not hang on it
+    asking = threading.Thread(target=ask, daemon=True)
+    asking.start()
+    asking.join(timeout_s * 2)
+    if asking.is_alive():
+        return f"W&B rejected or could not check WANDB_API_KEY: no answer within {timeout_s * 2} s"
+    if failure:
+        exc = failure[0]
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return f"W&B rejected or could not check WANDB_API_KEY: {detail.replace(key, '<redacted>')[:300]}"
     return None
