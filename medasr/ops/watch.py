@@ -184,16 +184,33 @@ def _stop_all(
     be stopped must not keep the others billing); False (after saying why) when one is not yet."""
     stopped = True
     for pod_id in state.ids():
-        try:
-            state.observe(pod_id, bring_down(api, pod_id, "stop", settings, sleep, say), clock())
-        except PodError as exc:
-            if refused(exc):
-                raise
-            say(f"warning: {exc}; trying again")
-            stopped = False
-        finally:
-            state.save()
+        stopped &= _bring_down_observed(api, state, pod_id, "stop", settings, clock, sleep, say, "trying again")
     return stopped
+
+
+def _bring_down_observed(
+    api: RunPodAPI,
+    state: LaunchState,
+    pod_id: str,
+    action: str,
+    settings: WatchSettings,
+    clock: Callable,
+    sleep: Callable,
+    say: Callable,
+    retry_note: str,
+) -> bool:
+    """`bring_down` one pod and record what RunPod confirmed; False (after a warning) when it could not be done now.
+    A refused key raises: no retry can help. The state is saved either way."""
+    try:
+        state.observe(pod_id, bring_down(api, pod_id, action, settings, sleep, say), clock())
+        return True
+    except PodError as exc:
+        if refused(exc):
+            raise
+        say(f"warning: {exc}; {retry_note}")
+        return False
+    finally:
+        state.save()
 
 
 def _drop_extras(
@@ -212,16 +229,9 @@ def _drop_extras(
         return
     for extra in [pod_id for pod_id in state.live() if pod_id != state.pod_id]:
         say(f"pod {extra} of the run is alive beside pod {state.pod_id}: terminating it")
-        try:
-            state.observe(extra, bring_down(api, extra, "terminate", settings, sleep, say), clock())
-        except PodError as exc:
-            if refused(exc):
-                raise
-            say(f"warning: {exc}; trying again at the next poll")
-            continue
-        finally:
-            state.save()
-        _release(extra, release_lease, say)
+        note = "trying again at the next poll"
+        if _bring_down_observed(api, state, extra, "terminate", settings, clock, sleep, say, note):
+            _release(extra, release_lease, say)
 
 
 def _release(pod_id: str, release_lease: Callable[[str], Any] | None, say: Callable) -> None:
