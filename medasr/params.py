@@ -184,6 +184,17 @@ class TestSetParams(FetchParams):
     split: NonEmptyStr = "test"
     audio_column: NonEmptyStr = "audio"
     text_column: NonEmptyStr = "text"
+    long_form: bool = Field(
+        False,
+        description="score whole recordings (TextGrid layout: one per recording and channel, its intervals' text in "
+        "time order; segment lists: one per recording), decoded in windows of eval.chunk_s; the clip-length "
+        "filters do not apply",
+    )
+    kind: Literal["medical", "general"] = Field(
+        "medical",
+        description="medical: pooled into summary.medical (the gain); general: everyday speech, pooled into "
+        "summary.general (the forgetting check)",
+    )
 
 
 class EvalParams(_Block):
@@ -200,6 +211,20 @@ class EvalParams(_Block):
     test_sets: list[TestSetParams] = Field(
         description="held-out sets scored for both models besides val (the headline numbers); [] = val only"
     )
+    chunk_s: float = Field(
+        35.0,
+        gt=0,
+        le=MODEL_MAX_AUDIO_SECONDS,
+        description="audio longer than this is decoded in windows of at most this many seconds, cut at silences "
+        "where a voice-activity detector finds them, and the window transcripts merged",
+    )
+    chunk_overlap_s: float = Field(
+        10.0, ge=0, description="seconds shared by neighbouring windows (the merge aligns the words there)"
+    )
+    bootstrap_resamples: int = Field(
+        1000, ge=1000, description="paired bootstrap resamples behind every wer_ci and wer_reduction_ci"
+    )
+    bootstrap_seed: int = Field(0, description="seed of the bootstrap: the same predictions give the same intervals")
 
     @field_validator("test_sets")
     @classmethod
@@ -209,6 +234,14 @@ class EvalParams(_Block):
         if repeated:
             raise ValueError(f"test set names must be unique; repeated: {', '.join(repeated)}")
         return test_sets
+
+    @field_validator("chunk_overlap_s")
+    @classmethod
+    def _overlap_below_chunk(cls, overlap: float, info: ValidationInfo) -> float:
+        chunk = info.data.get("chunk_s")
+        if chunk is not None and overlap >= chunk:
+            raise ValueError(f"chunk_overlap_s ({overlap}) must be below chunk_s ({chunk}): windows would not advance")
+        return overlap
 
 
 class Params(_Block):
