@@ -9,8 +9,10 @@ STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 export WANDB_MODE ?= offline
 
-# The offline demo: the same dvc.yaml with params overridden (bundled demo audio, and as held-out test set two
-# bundled consultations in PriMock57's layout; the committed params.yaml stays as it is in git). Tiny model whose
+# The offline demo: the same dvc.yaml with params overridden (bundled demo audio; as held-out test sets two bundled
+# consultations in PriMock57's layout, scored by utterance and long-form (whole ~20 s channels, in 10 s windows so
+# the window merge runs), and a few everyday sentences as the forgetting check; the committed params.yaml stays as
+# it is in git). Tiny model whose
 # LLM trains too (a random tiny LLM's frozen embeddings cannot sharpen its output), 300 CPU steps at a high rate,
 # validated once at the end (val sentences are unseen: an earlier best would export an under-trained step), and
 # eval scores every training clip (train_sample): the run learns its training clips, which shows that targets,
@@ -19,8 +21,10 @@ DEMO_PARAMS := -S fetch.dataset=data/sources/demo -S fetch.text_column=text -S f
 	-S subset.train_size=40 -S subset.val_size=12 -S model.preset=tiny -S 'model.trainable=[encoder,projection,llm]' \
 	-S lora.dropout=0.0 -S train.max_steps=300 -S train.checkpoint_every=100 -S train.batch_size=8 -S train.lr=0.01 \
 	-S train.warmup_steps=20 -S train.val_every=300 -S train.val_max_utts=12 -S eval.batch_size=8 \
-	-S eval.max_new_tokens=64 -S eval.train_sample=40 \
-	-S 'eval.test_sets=[{name: demo_consultations, dataset: data/sources/demo-consultations}]'
+	-S eval.max_new_tokens=64 -S eval.train_sample=40 -S eval.chunk_s=10.0 -S eval.chunk_overlap_s=3.0 \
+	-S 'eval.test_sets=[{name: demo_consultations, dataset: data/sources/demo-consultations}, \
+	{name: demo_consultations_long, dataset: data/sources/demo-consultations, long_form: true}, \
+	{name: demo_general, kind: general, dataset: data/sources/demo-general, id_column: utterance_id}]'
 
 .PHONY: install test test-fast lint demo lock
 

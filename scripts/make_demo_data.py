@@ -10,10 +10,16 @@ so nothing else in the project needs espeak-ng. espeak-ng's voices stand in for 
   (`audio/<consultation>_{doctor,patient}` one channel per speaker, `transcripts/<same>.TextGrid` with one interval
   per utterance and PriMock57's `<UNSURE>`/`<UNIN/>` tags), with voices and sentences the training data lacks.
   FLAC rather than PriMock57's WAV, to keep the repository small.
+- `data/sources/demo-general/`: the demo's forgetting check (`kind: general`), everyday sentences with no medicine
+  in them, an audiofolder like `demo/`.
+
+`--only consultations|general|demo` regenerates one folder and leaves the others' committed audio alone (another
+espeak-ng version speaks slightly differently).
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import re
@@ -26,6 +32,7 @@ import soxr
 
 OUT = Path("data/sources/demo")
 CONSULTATIONS_OUT = Path("data/sources/demo-consultations")
+GENERAL_OUT = Path("data/sources/demo-general")
 
 VOICES = ["en-us+m3", "en-gb+f2", "en-us+f4", "en-gb-x-rp+m1", "en-us+m7", "en-029+f3"]
 
@@ -131,6 +138,18 @@ CONSULTATIONS = [
 ]
 GAP_S = 0.6  # silence between turns
 
+# Everyday English for the forgetting check: no medical word, voices of both the training data and others.
+GENERAL = [
+    ("en-us+m3", "The train to the city leaves at half past eight every morning."),
+    ("en-gb+f2", "Could you pass me the salt and the pepper, please?"),
+    ("en-gb-scotland+m2", "We are planning a trip to the mountains next summer."),
+    ("en-us+f4", "The library closes early on Sundays, so let us go tomorrow."),
+    ("en-gb-x-gbclan+m4", "My sister bought a new bicycle with a red basket."),
+    ("en-029+f3", "It rained all afternoon and the garden is full of puddles."),
+    ("en-gb-x-rp+m1", "Please remember to switch off the lights when you leave."),
+    ("en-gb-scotland+f5", "The football match was cancelled because of the storm."),
+]
+
 
 def make_consultations() -> None:
     from praatio import textgrid
@@ -167,8 +186,22 @@ def make_consultations() -> None:
     print(f"wrote {len(CONSULTATIONS)} consultations to {CONSULTATIONS_OUT}")
 
 
-def main() -> None:
-    make_consultations()
+def make_general() -> None:
+    (GENERAL_OUT / "audio").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (voice, text) in enumerate(GENERAL):
+        audio, rate = speak(text, voice)
+        name = f"audio/general_{i:03d}.flac"
+        sf.write(GENERAL_OUT / name, store(audio, rate, 16000, 1), 16000, subtype="PCM_16")
+        rows.append({"file_name": name, "text": text, "speaker": voice, "utterance_id": f"general_{i:03d}"})
+    with open(GENERAL_OUT / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {len(rows)} clips to {GENERAL_OUT}")
+
+
+def make_demo() -> None:
     (OUT / "audio").mkdir(parents=True, exist_ok=True)
     rows = []
     for i, text in enumerate(SENTENCES):
@@ -183,6 +216,15 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     print(f"wrote {len(rows)} clips to {OUT}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=("consultations", "general", "demo"), help="regenerate one folder")
+    only = parser.parse_args().only
+    for name, make in (("consultations", make_consultations), ("general", make_general), ("demo", make_demo)):
+        if only in (None, name):
+            make()
 
 
 if __name__ == "__main__":
