@@ -9,17 +9,52 @@ scores a corpus) all come from that one alignment.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
 from typing import Any
 
+from medasr.terms import medical_terms  # the lexicon lives in medasr.terms; kept importable from here
+
 # Whisper's number normaliser turns a spoken "oh" into 0 ("oh I see" -> "0 i see"). In clinical talk "oh" is
-# almost always the interjection, so it is protected. ok/okay and mum/mom are folded so spelling variants of the
-# same word are not counted as errors (the fixes a published medical ASR benchmark applies).
+# almost always the interjection, so it is protected. The folds below map spellings of the same words onto one form,
+# after Whisper's normaliser (which already folds gonna, wanna, kinda, sorta, gotta, dunno, cause and most British
+# spellings): each is an equivalence, never a judgement about meaning. docs/normalisation.md lists and justifies
+# every one, and what is deliberately not folded.
 _PROTECT_OH = re.compile(r"\boh\b", re.IGNORECASE)
 _OH_MARK = "ohmedasrinterjection"
-_FOLD = {"ok": "okay", "mum": "mom", "mums": "moms"}
+_FOLD = {
+    "ok": "okay",
+    "mum": "mom",
+    "mums": "moms",
+    "alright": "all right",
+    "cos": "because",
+    "coz": "because",
+    "cuz": "because",
+    "lemme": "let me",
+    "gimme": "give me",
+    "outta": "out of",
+    "lotta": "lot of",
+    "oughta": "ought to",
+    "til": "till",
+    "xray": "x ray",
+    "xrays": "x rays",
+    "coeliac": "celiac",
+    "melaena": "melena",
+    "catheterisation": "catheterization",
+}
+# British medical spellings Whisper's word list lacks (oedema, haematuria, ischaemia, dyspnoea ...), by stem.
+_BRITISH_MEDICAL = (
+    (re.compile(r"^haem"), "hem"),  # haematuria, haematoma, haemoptysis, haemodialysis
+    (re.compile(r"aem(?=i)"), "em"),  # ischaemia, hypoglycaemia, septicaemia, glycaemic, leukaemic
+    (re.compile(r"^oe(?=soph|dem)"), "e"),  # oesophagitis, oesophageal, oedema, oedematous
+    (re.compile(r"(rrh|pn)oe"), r"\1e"),  # amenorrhoea, diarrhoeal, dyspnoea, apnoea, dyspnoeic
+)
+
+
+def _fold(word: str) -> str:
+    for pattern, american in _BRITISH_MEDICAL:
+        word = pattern.sub(american, word)
+    return _FOLD.get(word, word)
 
 
 @lru_cache(maxsize=1)
@@ -31,14 +66,7 @@ def _whisper():
 
 def normalize(text: str) -> str:
     out = _whisper()(_PROTECT_OH.sub(_OH_MARK, text or "")).replace(_OH_MARK, "oh")
-    return " ".join(_FOLD.get(word, word) for word in out.split())
-
-
-@lru_cache(maxsize=1)
-def medical_terms() -> frozenset[str]:
-    """The medical-term lexicon (normalised words), shipped in medasr/resources/medical_terms.txt."""
-    text = resources.files("medasr.resources").joinpath("medical_terms.txt").read_text(encoding="utf-8")
-    return frozenset(w.strip() for w in text.splitlines() if w.strip() and not w.startswith("#"))
+    return " ".join(_fold(word) for word in out.split())
 
 
 @dataclass(frozen=True)
@@ -51,30 +79,47 @@ class Alignment:
     reference_words: int
     medical_terms: int  # lexicon words in the reference
     medical_term_errors: int  # of those, the ones not recognised exactly
+    ref_terms: tuple[str, ...] = ()  # lexicon words in the reference, in order
+    missed_terms: tuple[str, ...] = ()  # of those, the ones not recognised exactly, in order
+    inserted_terms: tuple[str, ...] = ()  # lexicon words in the hypothesis not aligned to an equal reference word
+
+
+_COUNTS = ("substitutions", "deletions", "insertions", "reference_words")
 
 
 def align(reference_norm: str, hypothesis_norm: str) -> Alignment:
     import jiwer
 
-    ref = reference_norm.split()
-    if not ref:
-        return Alignment(0, 0, len(hypothesis_norm.split()), 0, 0, 0)
-    words = jiwer.process_words(reference_norm, hypothesis_norm or "")
+    ref, hyp = reference_norm.split(), (hypothesis_norm or "").split()
     terms = medical_terms()
-    total = sum(1 for w in ref if w in terms)
-    correct = sum(
-        1
-        for chunk in words.alignments[0]
-        if chunk.type == "equal"
-        for w in ref[chunk.ref_start_idx : chunk.ref_end_idx]
-        if w in terms
+    if not ref:
+        return Alignment(0, 0, len(hyp), 0, 0, 0, inserted_terms=tuple(w for w in hyp if w in terms))
+    words = jiwer.process_words(reference_norm, hypothesis_norm or "")
+    equal_ref: set[int] = set()  # word positions the alignment matched exactly
+    equal_hyp: set[int] = set()
+    for chunk in words.alignments[0]:
+        if chunk.type == "equal":
+            equal_ref.update(range(chunk.ref_start_idx, chunk.ref_end_idx))
+            equal_hyp.update(range(chunk.hyp_start_idx, chunk.hyp_end_idx))
+    ref_terms = tuple(w for w in ref if w in terms)
+    missed = tuple(w for i, w in enumerate(ref) if w in terms and i not in equal_ref)
+    inserted = tuple(w for i, w in enumerate(hyp) if w in terms and i not in equal_hyp)
+    return Alignment(
+        words.substitutions,
+        words.deletions,
+        words.insertions,
+        len(ref),
+        len(ref_terms),
+        len(missed),
+        ref_terms,
+        missed,
+        inserted,
     )
-    return Alignment(words.substitutions, words.deletions, words.insertions, len(ref), total, total - correct)
 
 
 def utterance_errors(reference_norm: str, hypothesis_norm: str) -> dict[str, int]:
     a = align(reference_norm, hypothesis_norm)
-    return {k: v for k, v in asdict(a).items() if not k.startswith("medical")}
+    return {k: getattr(a, k) for k in _COUNTS}
 
 
 def medical_term_errors(reference_norm: str, hypothesis_norm: str) -> tuple[int, int]:
@@ -119,3 +164,39 @@ def score_utterances(
 def score(references: list[str], hypotheses: list[str]) -> dict[str, Any]:
     """Corpus-level WER and CER on normalised text, raw WER, and the error counts (see `score_aligned`)."""
     return score_utterances(references, hypotheses)[0]
+
+
+# Likely hallucination, judged on the hypothesis alone. In PriMock57's published consultation transcripts (55
+# consultations, both channels, normalised) the longest back-to-back repeats people actually said are a word 6
+# times ("okay okay ..."), a 2-gram 4 times ("it is it is ..."), a 3-gram 3 times; a decoder stuck in a loop repeats
+# until its token limit. 8 repeats of any 1- to 4-gram is past all of that.
+_LOOP_REPEATS = 8
+_LOOP_MAX_N = 4
+# Fast conversational speech is about 4-5 words per second (PriMock57's fastest intervals: 6.7 words/s over a couple of
+# seconds, under 6 over 5 s and more). More words than 6 per second of audio plus 10 (short clips, number words that
+# the normaliser expands) is more than anyone said in the audio.
+_MAX_WORDS_PER_S = 6.0
+_SLACK_WORDS = 10
+
+
+def hallucination_flags(hypothesis_norm: str, duration_s: float) -> list[str]:
+    """Flags for a likely hallucinated hypothesis (normalised): "repeated_ngram" (a 1- to 4-gram repeated back to
+    back at least 8 times), "too_long" (more words than 6 per second of audio plus 10). Empty when neither."""
+    words = hypothesis_norm.split()
+    flags = []
+    if _has_loop(words):
+        flags.append("repeated_ngram")
+    if len(words) > _MAX_WORDS_PER_S * max(duration_s, 0.0) + _SLACK_WORDS:
+        flags.append("too_long")
+    return flags
+
+
+def _has_loop(words: list[str]) -> bool:
+    for n in range(1, _LOOP_MAX_N + 1):
+        # positions where the word equals the one n places later; a run of n * (R - 1) of them is R repeats
+        run = 0
+        for i in range(len(words) - n):
+            run = run + 1 if words[i] == words[i + n] else 0
+            if run >= n * (_LOOP_REPEATS - 1):
+                return True
+    return False

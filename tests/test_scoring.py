@@ -1,10 +1,19 @@
-"""Scoring: Whisper's English normaliser on its upstream test cases, our medical fixes, and the term metric."""
+"""Scoring: Whisper's English normaliser on its upstream test cases, our folds and medical fixes, the term metric,
+the terms each alignment records, and the hallucination flags."""
 
 from __future__ import annotations
 
 import pytest
 
-from medasr.scoring import medical_term_errors, medical_terms, normalize, score, utterance_errors
+from medasr.scoring import (
+    align,
+    hallucination_flags,
+    medical_term_errors,
+    medical_terms,
+    normalize,
+    score,
+    utterance_errors,
+)
 
 # Cases from OpenAI Whisper's own tests (openai/whisper, tests/test_normalizer.py): the normaliser we use must
 # behave as the one the Open ASR leaderboard uses.
@@ -50,6 +59,44 @@ def test_medical_fixes(text, expected):
     assert normalize(text) == expected
 
 
+# One case per fold we add on top of Whisper's normaliser (docs/normalisation.md lists each and why).
+FOLDS = [
+    ("Alright, see you", "all right see you"),
+    ("it's all right", "it is all right"),  # the folded form is a fixed point
+    ("cos it hurts", "because it hurts"),
+    ("'cos it hurts", "because it hurts"),
+    ("coz it hurts", "because it hurts"),
+    ("cuz it hurts", "because it hurts"),
+    ("lemme see", "let me see"),
+    ("gimme a minute", "give me a minute"),
+    ("outta breath", "out of breath"),
+    ("a lotta pain", "a lot of pain"),
+    ("you oughta rest", "you ought to rest"),
+    ("til Monday", "till monday"),
+    ("an xray", "an x ray"),
+    ("an X-ray", "an x ray"),
+    ("two xrays", "2 x rays"),
+    ("coeliac disease", "celiac disease"),
+    ("melaena", "melena"),
+    ("catheterisation", "catheterization"),
+    ("haematuria and a haematoma", "hematuria and a hematoma"),
+    ("ischaemia, hypoglycaemia, septicaemia", "ischemia hypoglycemia septicemia"),
+    ("ischaemic hypoglycaemic", "ischemic hypoglycemic"),
+    ("oedema, oesophagitis", "edema esophagitis"),
+    ("dyspnoea, apnoea, amenorrhoea", "dyspnea apnea amenorrhea"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), FOLDS)
+def test_folds_map_spellings_of_the_same_words_onto_one(text, expected):
+    assert normalize(text) == expected
+
+
+@pytest.mark.parametrize("word", ["shoe", "canoe", "phoenix", "academia", "bohemian", "poem"])
+def test_british_medical_stems_leave_other_words_alone(word):
+    assert normalize(word) == word
+
+
 def test_scoring_is_casing_and_punctuation_blind_and_counts_errors():
     result = score(["The patient has a fever.", "TAKE AMOXICILLIN"], ["the patient has fever", "take amoxicillin"])
     assert result["wer"] == pytest.approx(1 / 7)
@@ -72,6 +119,38 @@ def test_medical_term_errors_count_reference_terms_not_recognised():
     assert medical_term_errors(ref, hyp) == (1, 3)
     assert medical_term_errors(ref, "") == (3, 3)
     assert medical_term_errors(normalize("see you next week"), "") == (0, 0)
+
+
+def test_alignment_records_which_terms_were_missed_and_inserted():
+    ref = normalize("Start amoxicillin for the pneumonia, continue metformin.")
+    hyp = normalize("start ampicillin for the pneumonia continue metformin and insulin")
+    a = align(ref, hyp)
+    assert a.ref_terms == ("amoxicillin", "pneumonia", "metformin")
+    assert a.missed_terms == ("amoxicillin",)
+    # a drug substituted by another is a missed term and an inserted one; "insulin" is inserted outright
+    assert a.inserted_terms == ("ampicillin", "insulin")
+    assert (a.medical_terms, a.medical_term_errors) == (3, 1)  # the older counts keep their meaning
+    assert align(ref, ref).missed_terms == align(ref, ref).inserted_terms == ()
+    empty = align("", "take aspirin")
+    assert (empty.ref_terms, empty.missed_terms, empty.inserted_terms) == ((), (), ("aspirin",))
+
+
+def test_repeated_ngram_loops_are_flagged_but_speech_repeats_are_not():
+    # the longest back-to-back repeats in PriMock57's human transcripts: a word 6 times, a 2-gram 4, a 3-gram 3
+    for said in ("okay " * 6, "it is " * 4, "it is not " * 3, "no no no i said no no no no"):
+        assert hallucination_flags(normalize(said), 10.0) == []
+    assert hallucination_flags("thank you " * 8, 30.0) == ["repeated_ngram"]
+    assert hallucination_flags("take the tablet " + "every day at noon " * 8, 60.0) == ["repeated_ngram"]
+    assert hallucination_flags("yes " * 7, 10.0) == []  # one short of the threshold
+
+
+def test_hypotheses_far_longer_than_the_audio_allows_are_flagged():
+    words = " ".join(f"w{i}" for i in range(70))
+    assert hallucination_flags(words, 10.0) == []  # 6 words/s * 10 s + 10 words of slack
+    assert hallucination_flags(words + " w70", 10.0) == ["too_long"]
+    assert hallucination_flags(" ".join(f"w{i}" for i in range(11)), 0.0) == ["too_long"]
+    assert hallucination_flags("", 0.0) == []
+    assert hallucination_flags("a b " * 40, 2.0) == ["repeated_ngram", "too_long"]
 
 
 def test_utterance_errors():
