@@ -19,6 +19,17 @@ from medasr.params import ManifestParams
 from medasr.paths import AUDIO_SUBDIR
 from medasr.text import training_text
 
+# PriMock57's channel files are `<consultation>_<doctor|patient>`; a clip cut from one adds `-<start>-<end>`, and a
+# TextGrid with several tiers names a tier `<file>-<tier>`
+_ROLE = re.compile(r"(?:^|[_-])(doctor|patient)(?=$|-)", re.IGNORECASE)
+
+
+def speaker_role(clip_id: str) -> str | None:
+    """Which side of a consultation speaks, where the id says so: "doctor" or "patient" for
+    `day1_consultation01_doctor` or `day1_consultation01_doctor-00000600-00003179`; else None."""
+    m = _ROLE.search(clip_id)
+    return m[1].lower() if m else None
+
 
 def audio_name(row_id: str) -> str:
     """A file name that is safe on any filesystem and unique per id, yet still recognisable."""

@@ -5,7 +5,9 @@ filters as subset (`subset.min_duration`/`max_duration`, empty text, bad audio; 
 like the manifest stage writes val (16 kHz mono FLAC, training-target text rules), but whole: no split, no cap
 beyond the set's own `max_rows`. A clip that is also in the training or val data (same audio and text, same
 source id, or same group, i.e. speaker/recording) is dropped as `overlaps_training`, so a test set pointed at the
-training source by mistake cannot report a flattering number.
+training source by mistake cannot report a flattering number. A `long_form: true` set is read as whole recordings
+(`medasr.sources.fetch_to`), each with its transcript in time order; the clip-length filters are for clips and do not
+apply to it, everything else does.
 
 Writes `data/testsets/<name>/{manifest.json,audio/,dropped.jsonl,source.json}` and the DVC metric
 `metrics/testsets.json` (rows in, kept, hours and drops per set, and the rows its source skipped, e.g. paths leading
@@ -14,6 +16,7 @@ out of the dataset folder). An empty `eval.test_sets` writes an empty folder.
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 from collections import Counter
@@ -76,10 +79,11 @@ def prepare(
     """Fetch, screen and write one test set into `out_dir`; returns its summary for metrics/testsets.json."""
     raw = work / "raw"
     try:
-        source = fetch_to(FetchParams(**ts.model_dump(exclude={"name"})), raw)
+        source = fetch_to(FetchParams(**ts.model_dump(include=set(FetchParams.model_fields))), raw, ts.long_form)
     except StageError as exc:
         raise StageError(f"eval.test_sets[{ts.name}]: {exc}") from None
-    candidates, dropped, rows_in = screen(raw, limits.min_duration, limits.max_duration)
+    lengths = (0.0, math.inf) if ts.long_form else (limits.min_duration, limits.max_duration)
+    candidates, dropped, rows_in = screen(raw, *lengths)
     kept = []
     for c in candidates:
         why = overlap(c, seen)

@@ -562,3 +562,76 @@ def test_a_layouts_own_file_linked_out_of_the_folder_fails_the_source(tmp_path, 
     with pytest.raises(FetchError, match=rf"'{own_file}' is a link leading outside .*must stay inside its folder"):
         fetch.run(params(corpus), out_dir=tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
+
+
+def test_osce_segment_list_long_form_one_row_per_recording_in_time_order(tmp_path):
+    """Long-form: each recording whole, its segments' text in time order whatever the line order; a recording whose
+    segments overlap cannot be ordered (counted, not read); a missing recording reaches testsets as missing audio."""
+    import soundfile as sf
+    from helpers import tone
+
+    corpus = tmp_path / "medical"
+    (corpus / "audio").mkdir(parents=True)
+    sf.write(corpus / "audio" / "RES0001.mp3", tone(6.0), 16_000, format="MP3")
+    sf.write(corpus / "audio" / "GAS0002.mp3", tone(3.0), 16_000, format="MP3")
+    lines = [
+        "audio/RES0001.mp3[2.500,5.000]\tI HAVE HAD A COUGH FOR THREE DAYS",
+        "audio/GAS0002.mp3[0.000,2.000]\tANY VOMITING",
+        "audio/RES0001.mp3[0.500,2.500]\tHOW CAN I HELP YOU TODAY",
+        "audio/CAR0003.mp3[0.000,1.000]\tTHE RECORDING IS MISSING",
+        "audio/GAS0002.mp3[1.500,2.500]\tOVERLAPS THE ONE BEFORE",
+        "audio/RES0001.mp3[5.000,5.500]\t",
+        "not a segment line",
+    ]
+    (corpus / "medical_test.info").write_text("\n".join(lines) + "\n")
+
+    info = sources.fetch_to(params(corpus, split="test"), tmp_path / "raw", long_form=True)
+    assert info["skipped"] == {"malformed_segment_line": 1, "unordered_transcript": 1} and info["long_form"]
+    rows = raw_rows(tmp_path / "raw")
+    assert [(r["source_id"], r["group"], r["text"]) for r in rows] == [
+        ("RES0001", "RES0001", "HOW CAN I HELP YOU TODAY I HAVE HAD A COUGH FOR THREE DAYS"),
+        ("CAR0003", "CAR0003", "THE RECORDING IS MISSING"),
+    ]
+    assert rows[0]["audio"] == (corpus / "audio" / "RES0001.mp3").read_bytes() and rows[1]["audio"] is None
+
+
+def test_textgrid_long_form_names_each_tier_and_groups_consultations_by_file_name(tmp_path):
+    """Several interval tiers in one file: a row per tier, `<name>-<tier>`, the same whole recording each. The
+    group follows `<consultation>_<doctor|patient>` whatever the tier is called, else the old `_<tier>` rule."""
+    import soundfile as sf
+    from helpers import tone
+    from praatio import textgrid as tgio
+
+    from medasr.sources.textgrid import group_of
+
+    corpus = tmp_path / "grids"
+    corpus.mkdir()
+    sf.write(corpus / "visit.wav", tone(4.0), 16_000, subtype="PCM_16")
+    grid = tgio.Textgrid()
+    grid.addTier(tgio.IntervalTier("Doctor", [(2.5, 3.0, "Anything else?"), (0.5, 1.5, "Any pain?")], 0, 4.0))
+    grid.addTier(tgio.IntervalTier("Patient", [(2.0, 2.4, "A little.")], 0, 4.0))
+    grid.save(str(corpus / "visit.TextGrid"), format="long_textgrid", includeBlankSpaces=True)
+
+    info = sources.fetch_to(params(corpus), tmp_path / "raw", long_form=True)
+    rows = raw_rows(tmp_path / "raw")
+    assert info["skipped"] == {} and [(r["source_id"], r["text"]) for r in rows] == [
+        ("visit-Doctor", "Any pain? Anything else?"),
+        ("visit-Patient", "A little."),
+    ]
+    assert rows[0]["audio"] == rows[1]["audio"] == (corpus / "visit.wav").read_bytes()
+
+    assert group_of("day2_consultation03_doctor", "Speaker") == "day2_consultation03"
+    assert group_of("Day2_Consultation03_PATIENT", "Patient") == "Day2_Consultation03"
+    assert group_of("clinic_nurse", "Nurse") == "clinic"
+    assert group_of("visit", "Doctor") == "visit"
+
+
+@pytest.mark.parametrize("kind", ["textgrid", "segment_list"])
+def test_long_form_reads_no_recording_out_of_the_dataset_folder(tmp_path, kind):
+    """The long-form readers read whole files: the same guard, each refused recording counted once."""
+    secret = "planted-long-form-secret"
+    dataset = traversal_dataset(kind, tmp_path, secret)
+    info = sources.fetch_to(params(dataset), tmp_path / "raw", long_form=True)
+    assert info["skipped"] == {"path_outside_dataset": 3}
+    assert [(r["source_id"], r["text"]) for r in raw_rows(tmp_path / "raw")] == [("good", GOOD_TEXT)]
+    assert files_holding(tmp_path / "raw", secret) == []

@@ -171,3 +171,68 @@ def test_a_test_set_of_nothing_but_paths_out_of_its_folder_fails_in_one_line(tmp
         "{'path_outside_dataset': 1}"
     )
     assert not (tmp_path / "testsets").exists()
+
+
+def test_bundled_consultations_long_form_one_row_per_channel_whatever_its_length(tmp_path, demo_manifests):
+    """2 consultations x 2 channels: 4 whole recordings, each its channel's full length (past subset.max_duration,
+    a clip filter) and its intervals' text in time order, cleaned like the clips of the same set."""
+    p = tiny_params(
+        **{
+            "subset.max_duration": 15.0,  # shorter than every channel, longer than every turn
+            "eval.test_sets": [
+                {"name": "consult", "dataset": str(CONSULTATIONS)},
+                {"name": "consult_long", "dataset": str(CONSULTATIONS), "long_form": True},
+            ],
+        }
+    )
+    root = demo_manifests.parent
+    summary = testsets.run(
+        p.eval.test_sets, p.subset, p.manifest, root / "subset", tmp_path / "testsets", tmp_path / "testsets.json"
+    )
+
+    assert summary["consult_long"]["rows_in"] == summary["consult_long"]["kept"] == 4
+    assert summary["consult_long"]["dropped"]["too_long"] == 0 and summary["consult"]["kept"] == 11
+    recordings = sorted((CONSULTATIONS / "audio").glob("*.flac"))
+    rows = read_jsonl(tmp_path / "testsets" / "consult_long" / "manifest.json")
+    assert [r["id"] for r in rows] == [f.stem for f in recordings]
+    clips = read_jsonl(tmp_path / "testsets" / "consult" / "manifest.json")
+    for row, recording in zip(rows, recordings, strict=True):
+        assert row["duration"] == pytest.approx(sf.info(recording).duration, abs=1e-3)
+        assert row["duration"] > p.subset.max_duration
+        info = sf.info(tmp_path / "testsets" / "consult_long" / row["audio_filepath"])
+        assert info.samplerate == 16_000 and info.channels == 1
+        # the clip ids `<channel>-<start ms>-<end ms>` sort in time order: their texts, joined, are the recording's
+        turns = sorted((c for c in clips if c["id"].startswith(f"{row['id']}-")), key=lambda c: c["id"])
+        assert len(turns) >= 2 and row["text"] == " ".join(c["text"] for c in turns)
+        assert "<" not in row["text"]
+    source = json.loads((tmp_path / "testsets" / "consult_long" / "source.json").read_text())
+    assert source["kind"] == "textgrid" and source["long_form"] is True and source["rows"] == 4
+
+
+def test_long_form_bad_recordings_are_counted_and_a_single_interval_is_a_transcript(tmp_path, demo_manifests):
+    """One interval spanning the whole channel: valid. Overlapping intervals (no time order): skipped at source,
+    counted. A transcript without its recording: dropped as missing audio, counted. A set left with nothing fails
+    in one line and the sets already prepared stay as they were."""
+    from test_fetch import textgrid
+
+    folder = tmp_path / "long"
+    folder.mkdir()
+    sf.write(folder / "whole.wav", tone(45.0, rate=8_000), 8_000)  # past the model's 40 s: windows are eval's job
+    (folder / "whole.TextGrid").write_text(textgrid("Speaker", 45.0, [(0, 45.0, "The whole channel, one interval.")]))
+    sf.write(folder / "clash.wav", tone(5.0), 16_000)
+    (folder / "clash.TextGrid").write_text(textgrid("Speaker", 5.0, [(0, 2.0, "first"), (1.5, 3.0, "second")]))
+    (folder / "gone.TextGrid").write_text(textgrid("Speaker", 5.0, [(0, 2.0, "no recording")]))
+
+    summary = prepare(tmp_path, demo_manifests, {"name": "long", "dataset": str(folder), "long_form": True})["long"]
+    assert summary["rows_in"] == 2 and summary["kept"] == 1 and summary["dropped"]["missing_audio"] == 1
+    assert summary["skipped_at_source"] == {"unordered_transcript": 1}
+    (row,) = read_jsonl(tmp_path / "testsets" / "long" / "manifest.json")
+    assert (row["id"], row["text"]) == ("whole", "The whole channel, one interval.")
+    assert row["duration"] == pytest.approx(45.0, abs=1e-3)
+    dropped = read_jsonl(tmp_path / "testsets" / "long" / "dropped.jsonl")
+    assert [(d["id"], d["reason"]) for d in dropped] == [("gone", "missing_audio")]
+
+    (folder / "whole.wav").unlink()
+    with pytest.raises(StageError, match=r"eval.test_sets\[long\]: no usable utterance out of 2 rows.*missing_audio"):
+        prepare(tmp_path, demo_manifests, {"name": "long", "dataset": str(folder), "long_form": True})
+    assert read_jsonl(tmp_path / "testsets" / "long" / "manifest.json") == [row]

@@ -3,7 +3,9 @@
 
 `resolve` infers the layout from `fetch.dataset`: a local `.parquet` file or folder, an audiofolder, a NeMo
 manifest, an OSCE segment list, a PriMock57-style TextGrid folder, or else a Hugging Face hub id. `fetch_to` reads
-one source whole into raw shards (medasr/raw.py) plus `source.json`, atomically. Every file a row names goes through
+one source whole into raw shards (medasr/raw.py) plus `source.json`, atomically; long-form, the layouts that cut
+clips out of long recordings (segment list, TextGrid) yield the whole recordings instead, each with its transcript
+in time order, and the others their rows as they are (each row already a recording). Every file a row names goes through
 `base.dataset_file` first: a path that is absolute, has `..` or leads out of the dataset folder through a link is
 counted (`path_outside_dataset`) and never read.
 """
@@ -33,6 +35,10 @@ READERS: dict[str, Reader] = {
     "nemo_manifest": nemo_manifest.read,
     "segment_list": segment_list.read,
     "textgrid": textgrid.read,
+}
+LONG_FORM_READERS: dict[str, Reader] = {
+    "segment_list": segment_list.read_recordings,
+    "textgrid": textgrid.read_recordings,
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -76,8 +82,9 @@ def problems(datasets: list[tuple[str, str]]) -> list[str]:
     return found
 
 
-def fetch_to(p: FetchParams, out_dir: Path) -> dict[str, Any]:
-    """Read the source `p` names into raw shards + source.json in `out_dir` (replaced whole, or left as it was)."""
+def fetch_to(p: FetchParams, out_dir: Path, long_form: bool = False) -> dict[str, Any]:
+    """Read the source `p` names into raw shards + source.json in `out_dir` (replaced whole, or left as it was);
+    `long_form`: whole recordings, not the clips cut out of them."""
     source = resolve(p.dataset)
     snapshot = source.kind == "hub" and p.hub_download == "snapshot"
     if snapshot:
@@ -95,7 +102,8 @@ def fetch_to(p: FetchParams, out_dir: Path) -> dict[str, Any]:
             )
     log.info("fetching %s (%s)", source.location, source.kind)
     skipped: Counter = Counter()
-    rows = READERS[source.kind](source.location, p, skipped)
+    reader = LONG_FORM_READERS.get(source.kind, READERS[source.kind]) if long_form else READERS[source.kind]
+    rows = reader(source.location, p, skipped)
     with atomic_dir(out_dir) as tmp:
         # the cap stops every source lazily: nothing past it is read, parsed or counted as skipped
         count = write_shards(itertools.islice(rows, p.max_rows), tmp)
@@ -108,6 +116,7 @@ def fetch_to(p: FetchParams, out_dir: Path) -> dict[str, Any]:
             "revision": p.revision if source.kind == "hub" or snapshot else None,
             "config": p.config if source.kind == "hub" else None,
             "split": p.split if source.kind in ("hub", "segment_list") else None,
+            "long_form": long_form,
             "rows": count,
             "skipped": dict(skipped),
         }
