@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,8 +15,9 @@ from medasr.device import Precision, resolve_precision
 from medasr.log import get_logger
 from medasr.model import PROMPT, load_released, load_salm, merge_released_lora, trained_state
 from medasr.params import LoraParams
-from medasr.paths import MEDASR_META, TRAINED_WEIGHTS
+from medasr.paths import EVAL_METRICS, MEDASR_META, MODEL_DIR, TRAINED_WEIGHTS
 from medasr.release import LLM_BACKBONE_DIR, WEIGHTS
+from medasr.secrets import REDACTED, one_line
 
 log = get_logger(__name__)
 
@@ -54,14 +56,21 @@ def export(model: SALM, out: Path, meta: dict[str, Any], self_contained: bool) -
     (out / "README.md").write_text(model_card(meta))
 
 
-def model_card(meta: dict[str, Any]) -> str:
-    """A short card of how the model was made, from medasr.json."""
+CARD_NAME = "canary-qwen-medical-lora"
+LICENSE = "cc-by-4.0"  # nvidia/canary-qwen-2.5b's licence, which a fine-tune of it keeps
+RELEASED_BASE = "canary-qwen-2.5b"  # the one preset whose base is a hub model a card can name
+
+
+def model_card(meta: dict[str, Any], results: dict[str, Any] | None = None) -> str:
+    """A short card of how the model was made, from medasr.json, under Hugging Face's YAML front matter; with
+    `results` (metrics/eval.json) also each test set's WER, in the front matter's `model-index` and as a table."""
     base = meta.get("base", {})
     pins = f"`{base.get('id')}` at revision `{base.get('revision')}`"
     if "llm" in base:  # the release's tokenizer and LLM config come from another repo, pinned as well
         pins += f", tokenizer and LLM config `{base['llm']}` at revision `{base.get('llm_revision')}`"
     lines = [
-        "# canary-qwen-medical-lora",
+        card_metadata(meta, results),
+        f"# {CARD_NAME}",
         "",
         "LoRA fine-tune of a NeMo SALM speech model for medical speech, made by the medasr pipeline.",
         "",
@@ -71,6 +80,7 @@ def model_card(meta: dict[str, Any]) -> str:
         f"- training data sha256: `{meta.get('data_sha256')}`; train fingerprint `{meta.get('fingerprint')}`",
         f"- git commit: `{meta.get('git_commit')}`",
         "",
+        *results_table(results),
         'Load: `from medasr.export import load_model; model = load_model("<this folder>")`, or',
         f"`medasr transcribe <this folder> audio.wav`. Prompt: `{PROMPT}`.",
         "",
@@ -80,9 +90,85 @@ def model_card(meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def export_merged(src: Path, out: Path) -> None:
+def scored_sets(results: dict[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:
+    """The scored test sets of eval.json (val and the training sample are no evidence of generalisation)."""
+    sets = (results or {}).get("test", {})
+    return [(name, block) for name, block in sorted(sets.items()) if block["finetuned"].get("wer") is not None]
+
+
+def card_metadata(meta: dict[str, Any], results: dict[str, Any] | None) -> str:
+    """The card's YAML front matter, written by huggingface_hub itself so the hub parses it back: licence,
+    language, base model (the released one only: tiny and composed bases are no hub model), and a `model-index`
+    entry per test set with the fine-tuned model's WER in %."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    evals = [
+        EvalResult(
+            task_type="automatic-speech-recognition",
+            task_name="Automatic Speech Recognition",
+            dataset_type=name,
+            dataset_name=name,
+            dataset_split="test",
+            metric_type="wer",
+            metric_name="WER (%)",
+            metric_value=round(100 * block["finetuned"]["wer"], 2),
+        )
+        for name, block in scored_sets(results)
+    ]
+    data = ModelCardData(
+        language="en",
+        license=LICENSE,
+        base_model=meta.get("base", {}).get("id") if meta.get("preset") == RELEASED_BASE else None,
+        library_name="nemo",
+        pipeline_tag="automatic-speech-recognition",
+        tags=["medical", "speech-recognition", "lora", "nemo", "medasr"],
+        metrics=["wer"],
+        model_name=CARD_NAME,
+        eval_results=evals or None,
+    )
+    return f"---\n{data.to_yaml()}\n---\n"
+
+
+def results_table(results: dict[str, Any] | None) -> list[str]:
+    """WER per test set, base vs fine-tuned, with the 95 % intervals eval computed, as Markdown lines."""
+    rows = scored_sets(results)
+    if not rows:
+        return []
+
+    def pct(value: float | None, ci: list[float] | None = None) -> str:
+        text = "-" if value is None else f"{100 * value:.2f}"
+        return f"{text} [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]" if ci and value is not None else text
+
+    lines = [
+        "## Results",
+        "",
+        "WER (%) per held-out test set, greedy decoding, with 95 % paired-bootstrap intervals; a reduction whose",
+        "interval excludes zero is unlikely to be sampling noise. All figures: the pipeline's `metrics/eval.json`.",
+        "",
+        "| test set | kind | utterances | base WER | fine-tuned WER | reduction |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name, block in rows:
+        base, tuned = block["base"], block["finetuned"]
+        lines.append(
+            f"| {name} | {block.get('kind', 'medical')} | {tuned.get('utterances')} "
+            f"| {pct(base.get('wer'), base.get('wer_ci'))} | {pct(tuned['wer'], tuned.get('wer_ci'))} "
+            f"| {pct(block.get('wer_reduction'), block.get('wer_reduction_ci'))} |"
+        )
+    return [*lines, ""]
+
+
+def eval_results(model_dir: Path, metrics: Path = EVAL_METRICS) -> dict[str, Any] | None:
+    """metrics/eval.json when it scores `model_dir`: eval scores the pipeline's own model folder (MODEL_DIR) only,
+    so the card of any other folder carries no results rather than another model's."""
+    if not metrics.is_file() or Path(model_dir).resolve() != MODEL_DIR.resolve():
+        return None
+    return json.loads(metrics.read_text())
+
+
+def export_merged(src: Path, out: Path, results: dict[str, Any] | None = None) -> None:
     """A self-contained copy of an exported model with our LoRA merged into the LLM weights (plain SALM, no PEFT).
-    Its logits match the unmerged model's to float precision."""
+    Its logits match the unmerged model's to float precision. `results`: eval.json's, for the card."""
     from medasr.device import place
 
     untrained_adapter(src)
@@ -94,7 +180,7 @@ def export_merged(src: Path, out: Path) -> None:
     model.save_pretrained(out)
     save_tokenizer_and_llm_config(model, out)
     (out / MEDASR_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    (out / "README.md").write_text(model_card(meta))
+    (out / "README.md").write_text(model_card(meta, results))
 
 
 def untrained_adapter(folder: Path) -> None:
@@ -154,3 +240,39 @@ def load_model(folder: str | Path) -> SALM:
         if missing.unexpected_keys:
             raise StageError(f"{folder}: weights do not fit the base model: {missing.unexpected_keys[:5]}")
     return model.eval()
+
+
+# --- the Hugging Face Hub --------------------------------------------------------------------------------------------
+HF_TOKEN_ENV = "HF_TOKEN"  # the token is read from the environment only: never an argument, never logged
+
+
+def hub_token(repo_id: str) -> str:
+    """The token for an upload to `repo_id`; one line, before any work, when it is absent or the id is malformed."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise StageError(f"--push-to-hub {repo_id!r} is not a Hugging Face repo id: {one_line(exc)}") from None
+    if not (token := os.environ.get(HF_TOKEN_ENV, "")):
+        raise StageError(f"--push-to-hub needs {HF_TOKEN_ENV} (a token with write access) in the environment or .env")
+    return token
+
+
+def push_to_hub(folder: Path, repo_id: str, token: str) -> str:
+    """Upload an exported folder to the Hugging Face model repo `repo_id` in one commit, creating the repo private
+    when it is missing (publishing a model trained on clinical speech is a person's decision); its commit URL. A
+    hub that refuses or cannot be reached is one line, and the folder stays as written."""
+    from httpx2 import HTTPError
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    log.info("uploading %s to the Hugging Face Hub: %s", folder, repo_id)
+    try:
+        repo = api.create_repo(repo_id, private=True, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo.repo_id, folder_path=folder, commit_message=f"medasr export {folder}")
+    except (HTTPError, OSError, ValueError) as exc:  # HTTP status, network, and card metadata the hub rejects
+        reason = one_line(exc).replace(token, REDACTED)
+        raise StageError(f"upload to the Hugging Face Hub ({repo_id}) failed, {folder} kept: {reason}") from None
+    return commit.commit_url
