@@ -18,6 +18,8 @@ MANIFEST_DIR = Path("data/manifests")  # manifest: <split>.json + audio/
 TESTSETS_DIR = Path("data/testsets")  # testsets: <name>/manifest.json + audio/ + dropped.jsonl + source.json
 MODEL_DIR = Path("models/canary-qwen-medical-lora")  # train: the exported model
 CHECKPOINT_ROOT = Path("checkpoints/train")  # train: <fingerprint>/step-NNNNNNNN/ (git-ignored, not a DVC output)
+# in CHECKPOINT_ROOT: the last validation of the training running here (step, WER, warning); the heartbeat reads it
+VALIDATION_STATUS = "validation.json"
 
 DATA_METRICS = Path("metrics/data.json")
 TESTSETS_METRICS = Path("metrics/testsets.json")
@@ -25,6 +27,8 @@ TRAIN_METRICS = Path("metrics/train.json")
 TRAIN_CURVES_DIR = Path("metrics/train_curves")
 EVAL_METRICS = Path("metrics/eval.json")
 PREDICTIONS = Path("metrics/predictions.jsonl")
+REPORT = Path("metrics/report.md")  # eval: what a person reads (medasr.report)
+WER_PLOT = Path("metrics/wer_by_set.json")  # eval: rows {set, model, wer}, dvc.yaml's WER-per-set plot
 
 # --- files inside those folders --------------------------------------------------------------------------------------
 SPLITS = ("train", "val")
@@ -59,6 +63,7 @@ LATEST = "latest"  # names the newest local checkpoint folder
 BEST_DIR = "best"  # the best-by-val-WER weights, beside the checkpoints and copied into each
 WANDB_ID_FILE = "wandb_run_id"  # keeps one W&B run across resumes
 DVCLIVE_DIR = "dvclive"
+VAL_SAMPLES_FILE = "val_samples.tsv"  # in DVCLIVE_DIR: each validation's sample utterances
 
 
 def step_dir_name(step: int) -> str:
@@ -89,6 +94,13 @@ LEASE_FILE = "lease.json"
 
 # --- this machine ----------------------------------------------------------------------------------------------------
 POD_STATE = Path(".medasr/pod.json")  # git-ignored: which pod this checkout launched, and what it has cost
+LOGS_DIR = Path("logs")  # git-ignored: <command>.log, what each `medasr` command and its libraries logged
+
+
+def command_log(command: str) -> Path:
+    return LOGS_DIR / f"{command}.log"
+
+
 # runpod.sh sets this variable to a file in its logs folder; a stage command writes its pid there while it runs, so
 # a stop signal reaches the stage process itself (which stops its own workers and ranks), not everything below dvc.
 STAGE_PIDFILE_ENV = "MEDASR_STAGE_PIDFILE"

@@ -7,6 +7,10 @@
   WANDB_MODE=disabled. The run id is kept beside the checkpoint, so a resumed run appends to the same W&B run.
 Only the train stage's params blocks go into the W&B config: they are validated and hold no secrets (those stay
 in the environment).
+
+Each validation also logs a few fixed utterances' reference and hypothesis (`log_val_samples`: a W&B table and
+`<dvclive>/val_samples.tsv`), and a validation WER markedly worse than the best so far (`markedly_worse`) is a
+warning, which the pod's heartbeat carries (VALIDATION_STATUS).
 """
 
 from __future__ import annotations
@@ -18,15 +22,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from medasr.files import write_json_atomic
 from medasr.log import get_logger
-from medasr.paths import DVCLIVE_DIR, TRAIN_CURVES_DIR, WANDB_ID_FILE
+from medasr.paths import DVCLIVE_DIR, TRAIN_CURVES_DIR, VAL_SAMPLES_FILE, WANDB_ID_FILE
 
 log = get_logger(__name__)
 
 
 def truncate_history(live_dir: Path, step: int) -> None:
-    """Drop DVCLive rows logged after `step` (work lost in a crash), so a resumed run never repeats a step."""
-    for tsv in live_dir.glob("plots/metrics/**/*.tsv"):
+    """Drop DVCLive rows (and sample rows) logged after `step` (work lost in a crash), so a resumed run never repeats
+    a step."""
+    for tsv in [*live_dir.glob("plots/metrics/**/*.tsv"), *live_dir.glob(VAL_SAMPLES_FILE)]:
         with open(tsv, newline="") as f:
             rows = list(csv.DictReader(f, delimiter="\t"))
             fields = list(rows[0]) if rows else []
@@ -35,6 +41,59 @@ def truncate_history(live_dir: Path, step: int) -> None:
             writer = csv.DictWriter(f, fieldnames=fields, delimiter="\t")
             writer.writeheader()
             writer.writerows(kept)
+
+
+# --- what validation shows -------------------------------------------------------------------------------------------
+# A handful of utterances, the first of the fixed validation slice, so the same ones appear at every validation and a
+# reader follows each one change: enough to see different kinds of mistakes, few enough to read at a glance.
+VAL_SAMPLES = 4
+SAMPLE_COLUMNS = ["step", "id", "wer", "reference", "hypothesis"]
+# "Markedly worse": more than 5 WER points above the best so far, or 20 % of it where that is more. On a validation
+# slice of ~100 utterances greedy WER moves a point or two between validations from noise alone; a jump past both
+# margins is a run going wrong (learning rate too high, a bad data shard, overfitting), worth a look before the next
+# checkpoint, though not a reason to stop (early stopping is train.early_stop_*'s).
+WORSE_ABS = 0.05
+WORSE_REL = 0.20
+
+
+def markedly_worse(wer: float, best: float | None) -> bool:
+    """Whether validation WER `wer` is markedly worse than the best so far (None: this is the first)."""
+    return best is not None and wer > best + max(WORSE_ABS, WORSE_REL * best)
+
+
+def log_val_samples(trackers: list[Any], step: int, rows: list[list[Any]]) -> None:
+    """Log one validation's sample rows (SAMPLE_COLUMNS, without the step) to each tracker: a W&B table `val_samples`
+    at `step` (the UI's step slider walks the validations), and rows appended to DVCLive's `val_samples.tsv`, the
+    file a reader opens beside the curves (text is no plot: `dvc plots` draws numbers, so it stays out of plots/)."""
+    from dvclive.lightning import DVCLiveLogger
+    from lightning.pytorch.loggers import WandbLogger
+
+    stamped = [[step, *row] for row in rows]
+    for tracker in trackers:
+        if isinstance(tracker, WandbLogger):
+            tracker.log_table("val_samples", columns=SAMPLE_COLUMNS, data=stamped, step=step)
+        elif isinstance(tracker, DVCLiveLogger):
+            tsv = Path(tracker.experiment.dir) / VAL_SAMPLES_FILE
+            new = not tsv.is_file()
+            with open(tsv, "a", newline="") as f:
+                writer = csv.writer(f, delimiter="\t")
+                if new:
+                    writer.writerow(SAMPLE_COLUMNS)
+                writer.writerows(stamped)
+
+
+def report_validation(
+    trackers: list[Any], status_file: Path, step: int, wer: float, best: float | None, samples: list[list[Any]]
+) -> None:
+    """What a validation shows besides its WER: its sample rows in each tracker, and `status_file` (the last
+    validation: step, WER, warning), whose warning, when `wer` is markedly worse than `best` (the best so far), is
+    also logged and shown in the pod's heartbeat."""
+    log_val_samples(trackers, step, samples)
+    warning = None
+    if markedly_worse(wer, best):
+        warning = f"step {step}: val WER {wer:.4f} is markedly worse than the best so far, {best:.4f}"
+        log.warning(warning)
+    write_json_atomic(status_file, {"step": step, "wer": wer, "warning": warning})
 
 
 def wandb_info(run_dir: Path, preset: str, lora_rank: int, fp: str) -> dict[str, Any] | None:
@@ -115,6 +174,10 @@ def loggers(
         # An inherited WANDB_SERVICE would attach this run to a parent's W&B service, which still holds the run id
         # of a training killed earlier ("run ID is in use"): each training process runs its own service.
         os.environ.pop("WANDB_SERVICE", None)
+        import wandb
+
+        # W&B reads WANDB_SILENT (medasr/log.py) at setup; Lightning's logger draws a notice before W&B's own setup
+        wandb.setup()
 
         logger = WandbLogger(
             project=info["project"],

@@ -49,9 +49,10 @@ def beat(
     ),
     run_id: str = typer.Option("default", envvar="MEDASR_RUN_ID"),
 ) -> None:
-    """Publish the heartbeat, with the last complete checkpoint step added, as the run status on the DVC remote. With
-    --every, a failed publish or renewal is a warning line and the beats go on (the lease's TTL covers a few); SIGTERM
-    lets the beat in flight land, then exits 0, so no beat lands after what the loop publishes next."""
+    """Publish the heartbeat, with the last complete checkpoint step and the last validation's warning (a WER markedly
+    worse than the best so far; null when none) added, as the run status on the DVC remote. With --every, a failed
+    publish or renewal is a warning line and the beats go on (the lease's TTL covers a few); SIGTERM lets the beat in
+    flight land, then exits 0, so no beat lands after what the loop publishes next."""
     from medasr.ops.lease import LeaseHeld
     from medasr.ops.podside import Beater
 

@@ -225,6 +225,8 @@ def pod_status() -> None:
             beat, modified = found
             age = f"published {time.time() - modified:.0f}s ago, pod {beat.get('pod') or '?'}"
             typer.echo(f"run {state.spec.run_id}: {beat.get('state')} {beat.get('detail', '')} ({age})")
+            if beat.get("warning"):  # the last validation's: shown, never acted on
+                typer.echo(f"warning: {beat['warning']}")
         else:
             typer.echo(f"run {state.spec.run_id}: no heartbeat published yet")
     spent = f"~${state.spent_usd:.2f} by {len(state.pods)} pod(s) until last seen"

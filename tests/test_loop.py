@@ -24,7 +24,7 @@ from helpers import CREDENTIALS, DEVELOPER_SETTINGS, VENV_BIN, free_port, run_en
 from medasr import MedasrError
 from medasr.files import sweep_temps
 from medasr.ops.lease import Holder, LeaseHeld, lease_state, process_started, release_lease, take_lease
-from medasr.ops.podside import check_budget, progress_token, stop_pod
+from medasr.ops.podside import check_budget, progress_token, stop_pod, validation_warning
 from medasr.ops.runpod import DEFAULT_GPUS, PodSpec, RunPodAPI, create_payload
 
 KEY = "rpa_loop_test_key_0123456789"
@@ -288,17 +288,32 @@ def complete_checkpoint(ws: Path, fingerprint: str, step: int, complete: bool = 
         (folder / "meta.json").write_text(json.dumps({"step": step}))
 
 
+def test_the_heartbeat_warning_is_the_last_validations_own(tmp_path):
+    assert validation_warning(tmp_path) is None  # no validation yet
+    (tmp_path / "validation.json").write_text(json.dumps({"step": 8, "wer": 0.2, "warning": None}))
+    assert validation_warning(tmp_path) is None  # the last one was fine
+    (tmp_path / "validation.json").write_text("[1, 2]")
+    assert validation_warning(tmp_path) is None  # not ours: no warning, no crash of the publisher
+    (tmp_path / "validation.json").write_text(json.dumps({"step": 9, "wer": 0.9, "warning": "step 9: worse"}))
+    assert validation_warning(tmp_path) == "step 9: worse"
+
+
 def test_beat_publishes_the_heartbeat_with_the_last_complete_step_and_renews_the_lease(ws, s3, loops):
     a = loops()
     complete_checkpoint(ws, "fp1", 40)
     complete_checkpoint(ws, "fp1", 80, complete=False)  # still being written
+    warning = "step 40: val WER 0.4000 is markedly worse than the best so far, 0.2000"  # as the train stage writes it
+    (ws / "checkpoints" / "train" / "validation.json").write_text(
+        json.dumps({"step": 40, "wer": 0.4, "warning": warning})
+    )
     heartbeat = ws / "hb.json"
     beat = {"time": 1, "state": "running", "detail": "attempt 1", "pod": "podA", "run": "r1"}
     heartbeat.write_text(json.dumps(beat))
     done = loop(ws, "beat", "--heartbeat", str(heartbeat), "--lease", MEDASR_RUN_ID="r1", **as_loop(a, "podA"))
     assert done.returncode == 0, done.stderr
     key = f"{PREFIX}/medasr-status/r1/status.json"
-    assert json.loads(s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read()) == beat | {"step": 40}
+    published = json.loads(s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read())
+    assert published == beat | {"step": 40, "warning": warning}  # runpod.sh's keys as they were, two added
     assert json.loads(heartbeat.read_text()) == beat  # runpod.sh's own file is not rewritten
     assert lease_on(s3)["pod"] == "podA"
 

@@ -111,11 +111,11 @@ def test_the_fake_api_refuses_a_body_that_breaks_the_schema():
         server.close()
 
 
-def beat(repo: Path, state: str, pod: str, detail: str = "", age_s: float = 0) -> None:
-    """Publish a heartbeat as runpod.sh on pod `pod` does."""
+def beat(repo: Path, state: str, pod: str, detail: str = "", age_s: float = 0, **added: object) -> None:
+    """Publish a heartbeat as runpod.sh on pod `pod` does (`added`: what `medasr loop beat` adds)."""
     logs = repo / "pod-logs"
     logs.mkdir(exist_ok=True)
-    record = {"time": time.time() - age_s, "state": state, "detail": detail, "pod": pod, "run": "r1"}
+    record = {"time": time.time() - age_s, "state": state, "detail": detail, "pod": pod, "run": "r1"} | added
     (logs / "heartbeat").write_text(json.dumps(record))
     publish_status(logs / "heartbeat", "r1", repo)
 
@@ -153,6 +153,29 @@ def test_watch_recovers_a_stopped_pod_and_a_silent_one_then_stops_when_the_pipel
     saved = (dvc_repo / ".medasr" / "pod.json").read_text()
     assert json.loads(saved)["pod_id"] == second and all(v not in saved for v in SECRETS.values())
     assert any("pipeline finished" in line for line in said)
+
+
+def test_a_validation_warning_in_the_heartbeat_is_shown_and_never_acted_on(fake, dvc_repo):
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    api = RunPodAPI(KEY, base_url=fake.url)
+    pod = api.create(create_payload(spec(), "NVIDIA H100 PCIe", ENV))["id"]
+    state = LaunchState(pod, spec())
+    state.save()
+    warning = "step 400: val WER 0.3100 is markedly worse than the best so far, 0.2200"
+    beat(dvc_repo, "running", pod, detail="attempt 1", step=400, warning=warning)
+    env = {"RUNPOD_API_KEY": KEY, "MEDASR_RUNPOD_API_URL": fake.url}
+    shown = CliRunner().invoke(app, ["pod", "status"], env=env)
+    assert shown.exit_code == 0 and f"warning: {warning}" in shown.output, shown.output
+
+    # a pod that trains on, validating worse: the watcher waits (no restart, no recovery) until the pipeline is done
+    scenario = Scenario([lambda: None, lambda: None, lambda: beat(dvc_repo, "done", pod, warning=warning)], poll_s=30)
+    read = lambda run_id: read_status(run_id, dvc_repo)  # noqa: E731
+    settings = WatchSettings(max_usd=100, poll_s=30, stale_after_s=300)
+    assert watch(api, state, read, ENV, settings, scenario.clock, scenario.sleep, scenario.say) == 0
+    assert state.recoveries == 0 and [b["action"] for _, p, b in fake.requests if p.endswith("/action")] == ["stop"]
 
 
 def test_watch_stops_the_pod_at_the_spending_cap(fake, dvc_repo):

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from csv import DictReader
 from pathlib import Path
 
 import pytest
@@ -23,15 +24,22 @@ import yaml
 from helpers import assert_same_training_state, run_env, tiny_params, train_in
 
 from medasr import StageError
+from medasr.files import read_jsonl
 from medasr.paths import CHECKPOINT_STATE as STATE
+from medasr.tracking import SAMPLE_COLUMNS, VAL_SAMPLES, markedly_worse
 from stages.train.checkpoints import data_hash, find_resumable, fingerprint
 
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, demo_manifests) -> Path:
-    """One plain run of the tiny model, 8 steps with a checkpoint every 4 (both kept): tests only read it."""
+    """One plain run of the tiny model, 8 steps with a checkpoint and a validation every 4 (all kept), W&B offline as
+    on a machine without an account: tests only read it."""
     root = tmp_path_factory.mktemp("trained")
-    metrics = train_in(root, demo_manifests, tiny_params(**{"train.max_steps": 8, "train.keep_checkpoints": 3}))
+    p = tiny_params(**{"train.max_steps": 8, "train.keep_checkpoints": 3, "train.val_every": 4})
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_MODE", "offline")
+        env.delenv("WANDB_API_KEY", raising=False)
+        metrics = train_in(root, demo_manifests, p)
     assert metrics["global_step"] == 8 and metrics["resume_source"] == "none"
     return root
 
@@ -92,6 +100,56 @@ def test_only_lora_encoder_and_projection_learn_and_loss_falls(tmp_path, demo_ma
     assert teacher_forced_loss(after, demo_manifests) < 0.99 * teacher_forced_loss(before, demo_manifests)
 
 
+def test_markedly_worse_wer_is_past_both_margins_over_the_best_so_far():
+    assert not markedly_worse(0.90, None)  # the first validation has nothing to be worse than
+    assert not markedly_worse(0.15, 0.10) and markedly_worse(0.1501, 0.10)  # low WER: 5 points absolute
+    assert not markedly_worse(0.60, 0.50) and markedly_worse(0.6001, 0.50)  # high WER: 20 % of the best
+    assert not markedly_worse(0.05, 0.10)  # better is never a warning
+
+
+def test_a_resume_drops_the_curves_and_samples_logged_after_its_checkpoint(tmp_path):
+    from medasr.tracking import truncate_history
+
+    (tmp_path / "plots" / "metrics").mkdir(parents=True)
+    (tmp_path / "plots" / "metrics" / "loss.tsv").write_text("step\tloss\n3\t2.0\n7\t1.0\n")
+    samples = 'step\tid\twer\treference\thypothesis\n4\ta\t0.5\t"Say ""ah"", please."\tsay ah\n8\ta\t0.0\tx\tx\n'
+    (tmp_path / "val_samples.tsv").write_text(samples)
+    truncate_history(tmp_path, 4)  # the crash lost everything after step 4
+    assert (tmp_path / "plots" / "metrics" / "loss.tsv").read_text() == "step\tloss\n3\t2.0\n"
+    with open(tmp_path / "val_samples.tsv", newline="") as f:
+        kept = list(DictReader(f, delimiter="\t"))
+    assert [(r["step"], r["reference"]) for r in kept] == [("4", 'Say "ah", please.')]
+
+
+@pytest.mark.e2e
+def test_each_validation_logs_the_same_sample_utterances_to_dvclive_and_wandb(trained, demo_manifests):
+    from medasr.scoring import score
+
+    val = read_jsonl(demo_manifests / "val.json")[:VAL_SAMPLES]
+    (run_dir,) = (trained / "ckpt").glob("*/")
+    with open(trained / "curves" / "val_samples.tsv", newline="") as f:  # the stage's declared copy of DVCLive's
+        tsv = [
+            [int(r["step"]), r["id"], float(r["wer"]), r["reference"], r["hypothesis"]]
+            for r in DictReader(f, delimiter="\t")
+        ]
+    assert [(r[0], r[1], r[3]) for r in tsv] == [(step, u["id"], u["text"]) for step in (4, 8) for u in val]
+    assert all(r[2] == round(score([r[3]], [r[4]])["wer"], 4) for r in tsv)  # its own hypothesis's WER
+
+    # W&B (offline): one `val_samples` table per validation, with the same rows
+    tables = sorted(run_dir.glob("wandb/offline-run-*/files/media/table/val_samples_*.table.json"))
+    assert len(tables) == 2
+    logged = [json.loads(t.read_text()) for t in tables]
+    assert all(t["columns"] == SAMPLE_COLUMNS for t in logged)
+    assert sorted(row for t in logged for row in t["data"]) == sorted(tsv)
+
+    # what the pod's heartbeat reads: the last validation, warned about only when markedly worse than the first
+    with open(run_dir / "dvclive" / "plots" / "metrics" / "val" / "wer.tsv", newline="") as f:
+        first, last = (float(r["wer"]) for r in DictReader(f, delimiter="\t"))
+    status = json.loads((trained / "ckpt" / "validation.json").read_text())
+    assert status["step"] == 8 and status["wer"] == pytest.approx(last)
+    assert (status["warning"] is not None) == markedly_worse(last, first)
+
+
 @pytest.mark.e2e
 def test_changed_lora_rank_starts_fresh_and_raised_max_steps_continues(tmp_path, demo_manifests, trained):
     shutil.copytree(trained / "ckpt", tmp_path / "ckpt")  # an 8-step run's checkpoints (a copy: this test adds more)
@@ -145,7 +203,8 @@ def test_exported_model_reloads_and_transcribes(tmp_path, demo_manifests, traine
 
     exported = trained / "model"  # read only: what this test writes goes under tmp_path
     meta = json.loads((exported / "medasr.json").read_text())
-    assert meta["preset"] == "tiny" and meta["step"] == 8 and meta["lora"]["rank"] == 8
+    assert meta["preset"] == "tiny" and meta["lora"]["rank"] == 8
+    assert meta["step"] == json.loads((trained / "train.json").read_text())["exported_step"]  # the best validated
 
     model = load_model(exported)
     again = load_model(exported)

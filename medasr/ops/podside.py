@@ -22,7 +22,15 @@ from medasr import MedasrError
 from medasr.files import write_json_atomic
 from medasr.ops.lease import LeaseHeld, lease_location, process_alive, take_lease, whoami
 from medasr.ops.status import _status_file
-from medasr.paths import CHECKPOINT_META, CHECKPOINT_ROOT, POD_CLOCK_DIR, STAGE_PIDFILE_ENV, STATUS_FILE, aside_of
+from medasr.paths import (
+    CHECKPOINT_META,
+    CHECKPOINT_ROOT,
+    POD_CLOCK_DIR,
+    STAGE_PIDFILE_ENV,
+    STATUS_FILE,
+    VALIDATION_STATUS,
+    aside_of,
+)
 from medasr.secrets import REDACTED, SECRETS, one_line
 
 DVC_LOCK = Path("dvc.lock")
@@ -43,6 +51,16 @@ def last_step(ckpt_root: Path = CHECKPOINT_ROOT) -> int | None:
     return max(found)[1] if found else None
 
 
+def validation_warning(ckpt_root: Path = CHECKPOINT_ROOT) -> str | None:
+    """The warning of the running training's last validation (a WER markedly worse than its best so far), or None:
+    none yet, or that validation was fine. Only shown: a worse WER is no failure, so nothing acts on it."""
+    try:
+        warning = json.loads((ckpt_root / VALIDATION_STATUS).read_text()).get("warning")
+    except (OSError, ValueError, AttributeError):  # none yet (or not ours): the next beat reads it again
+        return None
+    return str(warning) if warning else None
+
+
 def progress_token(ckpt_root: Path = CHECKPOINT_ROOT, lock: Path = DVC_LOCK) -> str:
     """One token that changes whenever the run progressed: a newer checkpoint step, or a stage DVC finished."""
     step = last_step(ckpt_root)
@@ -57,10 +75,11 @@ def error_line(exc: BaseException) -> str:
 
 # --- the heartbeat ----------------------------------------------------------------------------------------------------
 class Beater:
-    """Publishes runpod.sh's heartbeat file, with the last complete checkpoint step added, as the run status; with a
-    lease, renews this loop's lease first, so a pod that lost it publishes nothing over the new holder's status. The
-    remote is opened once (a DVC Repo costs seconds of CPU), so `medasr loop beat --every` pays only S3 requests per
-    beat; lease reads ask the store each time (info(refresh=True)), never s3fs's listing cache."""
+    """Publishes runpod.sh's heartbeat file, with the last complete checkpoint step and the last validation's warning
+    added (`step`, `warning`), as the run status; with a lease, renews this loop's lease first, so a pod that lost it
+    publishes nothing over the new holder's status. The remote is opened once (a DVC Repo costs seconds of CPU), so
+    `medasr loop beat --every` pays only S3 requests per beat; lease reads ask the store each time
+    (info(refresh=True)), never s3fs's listing cache."""
 
     def __init__(self, heartbeat: Path, run_id: str, lease: bool, repo_root: Path | str = ".") -> None:
         self.heartbeat, self.run_id, self.repo_root = heartbeat, run_id, repo_root
@@ -71,7 +90,7 @@ class Beater:
         """One beat; returns its problems, one line each (the next beat tries again: the lease's TTL covers a few).
         Raises LeaseHeld, having published nothing, when another live holder has the lease."""
         try:
-            status = json.loads(self.heartbeat.read_text()) | {"step": last_step()}
+            status = json.loads(self.heartbeat.read_text()) | {"step": last_step(), "warning": validation_warning()}
         except (OSError, ValueError, TypeError) as exc:  # runpod.sh rewrites it: read again at the next beat
             return [f"heartbeat {self.heartbeat} unreadable: {error_line(exc)}"]
         try:

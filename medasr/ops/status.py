@@ -1,5 +1,6 @@
 """The run status runpod.sh publishes for `medasr pod watch|status` on another machine: its heartbeat (one JSON
-object: time, state, detail, pod, run) copied to `<remote>/medasr-status/<run id>/status.json`."""
+object: time, state, detail, pod, run; `medasr loop beat` adds step and warning) copied to
+`<remote>/medasr-status/<run id>/status.json`."""
 
 from __future__ import annotations
 

@@ -28,7 +28,16 @@ from medasr.files import atomic_dir, sha256_file, write_json_atomic, write_text_
 from medasr.log import get_logger
 from medasr.model import trained_names, trained_state
 from medasr.params import TrainParams
-from medasr.paths import BEST_DIR, CHECKPOINT_META, CHECKPOINT_STATE, LATEST, TRAINED_WEIGHTS, step_dir_name
+from medasr.paths import (
+    BEST_DIR,
+    CHECKPOINT_META,
+    CHECKPOINT_STATE,
+    LATEST,
+    TRAINED_WEIGHTS,
+    VALIDATION_STATUS,
+    step_dir_name,
+)
+from medasr.tracking import VAL_SAMPLES, report_validation
 from stages.train.checkpoints import copy_extras, step_dirs
 from stages.train.data import train_sampler
 
@@ -110,6 +119,7 @@ class ValSet:
     audio: list[Path]
     texts: list[str]
     max_new_tokens: int
+    ids: list[str]
 
 
 class TrainingCallback(Callback):
@@ -166,6 +176,8 @@ class TrainingCallback(Callback):
             if getattr(config.scheduler, "max_steps", self.train.max_steps) != self.train.max_steps:
                 log.info("LR schedule stretched to max_steps=%d", self.train.max_steps)
                 config.scheduler.max_steps = self.train.max_steps
+        if trainer.is_global_zero:  # an earlier training's last verdict is not this one's
+            (self.run_dir.parent / VALIDATION_STATUS).unlink(missing_ok=True)
         if self.pending_rng is not None:
             set_rng_state(self.pending_rng)
             self.pending_rng = None
@@ -256,9 +268,10 @@ class TrainingCallback(Callback):
         from safetensors.torch import save_file
 
         from medasr.inference import transcribe
-        from medasr.scoring import score
+        from medasr.scoring import score_utterances
 
         assert self.val is not None
+        started = time.monotonic()
         # decoded as eval decodes (its max_new_tokens, this run's token budget per batch)
         with rank_local(pl_module):
             texts = transcribe(
@@ -268,9 +281,17 @@ class TrainingCallback(Callback):
                 max_new_tokens=self.val.max_new_tokens,
                 batch_tokens=self.train.batch_tokens,
             )
-        wer = score(self.val.texts, texts)["wer"]
+        scores, _, aligned = score_utterances(self.val.texts, texts)
+        wer = scores["wer"]
         pl_module.log("val_wer", wer, rank_zero_only=True)
-        log.info("step %d: val WER %.4f on %d utterances", step, wer, len(self.val.texts))
+        took = time.monotonic() - started
+        log.info("step %d: val WER %.4f on %d utterances (%.1f s)", step, wer, len(self.val.texts), took)
+        samples = [
+            [uid, round((a.substitutions + a.deletions + a.insertions) / max(1, a.reference_words), 4), ref, hyp]
+            for uid, ref, hyp, a in list(zip(self.val.ids, self.val.texts, texts, aligned, strict=True))[:VAL_SAMPLES]
+        ]
+        # the samples to the trackers; a warning when markedly worse than the best so far, for the pod's heartbeat
+        report_validation(trainer.loggers, self.run_dir.parent / VALIDATION_STATUS, step, wer, self.best_wer, samples)
         if self.best_wer is None or wer < self.best_wer - self.train.early_stop_delta:
             self.best_wer, self.bad_evals = wer, 0
             with atomic_dir(self.run_dir / BEST_DIR) as tmp:

@@ -145,7 +145,10 @@ def run(
     datamodule.position = (resume.meta["epoch"], resume.meta["epoch_batches"]) if resume else None
     val_rows = val_rows[: train.val_max_utts]
     val = ValSet(
-        [manifest_dir / r["audio_filepath"] for r in val_rows], [r["text"] for r in val_rows], val_max_new_tokens
+        [manifest_dir / r["audio_filepath"] for r in val_rows],
+        [r["text"] for r in val_rows],
+        val_max_new_tokens,
+        [r["id"] for r in val_rows],
     )
     callback = TrainingCallback(train, fp, run_dir, val if train.val_every else None, uploader, stop)
     run_config = {"model": model_p.model_dump(), "lora": lora.model_dump(), "train": train.model_dump()}
