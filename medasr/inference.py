@@ -12,11 +12,13 @@ import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import soundfile as sf
 
+from medasr.audio import TARGET_SAMPLE_RATE as SAMPLE_RATE
 from medasr.audio import decode, to_model_input
 
 # LLM positions per second of audio: canary-qwen's encoder emits a frame every 80 ms (NeMo's
@@ -38,11 +40,11 @@ def _length(path: Path) -> float:
         return 0.0  # unreadable: load_audio raises the real error when its batch is loaded
 
 
-def load_batch(paths: list[Path]) -> tuple[Any, Any]:
-    """Zero-padded audio (batch, samples) with the true lengths."""
+def load_batch(pieces: list[Path | Any]) -> tuple[Any, Any]:
+    """Zero-padded audio (batch, samples) with the true lengths, of files (read whole) or audio already in memory."""
     import torch
 
-    clips = [load_audio(p) for p in paths]
+    clips = [load_audio(p) if isinstance(p, Path) else p for p in pieces]
     lens = torch.tensor([len(c) for c in clips], dtype=torch.long)
     audios = torch.zeros(len(clips), int(lens.max()))
     for i, clip in enumerate(clips):
@@ -51,10 +53,21 @@ def load_batch(paths: list[Path]) -> tuple[Any, Any]:
 
 
 def generate_ids(model: Any, audios: Any, lens: Any, max_new_tokens: int, min_new_tokens: int = 0) -> Any:
-    """Greedy new token ids (batch, tokens) for a padded audio batch, with the training prompt."""
+    """Greedy new token ids (batch, tokens) for a padded audio batch, with the training prompt.
+
+    Refuses (ValueError) a batch holding audio longer than the model hears (MODEL_MAX_AUDIO_SECONDS): the one gate
+    every decode passes, so nothing longer is ever fed whole; `transcribe_long` cuts such audio into windows."""
     import torch
 
     from medasr.model import PROMPT
+    from medasr.params import MODEL_MAX_AUDIO_SECONDS
+
+    longest = int(lens.max()) / SAMPLE_RATE if len(lens) else 0.0
+    if longest > MODEL_MAX_AUDIO_SECONDS:
+        raise ValueError(
+            f"audio of {longest:g} s in a decode batch: the model hears at most {MODEL_MAX_AUDIO_SECONDS:g} s "
+            "at once (decode long audio with transcribe_long, which cuts it into windows)"
+        )
 
     with torch.inference_mode():
         return model.generate(
@@ -136,34 +149,123 @@ def transcribe(
     min_new_tokens: int = 0,
     batch_tokens: int | None = None,
 ) -> list[str]:
-    """Greedy transcripts, in input order.
+    """Greedy transcripts, in input order: `transcribe_long` with its default windows (a file longer than 35 s is
+    decoded in overlapping windows). `min_new_tokens` > 0 suppresses the end token until then: benchmarks use it to
+    force a realistic output length from random weights."""
+    done = transcribe_long(
+        model, paths, batch_size, max_new_tokens, batch_tokens=batch_tokens, min_new_tokens=min_new_tokens
+    )
+    return [t.text for t in done]
 
-    Batches per `plan_batches` (`batch_tokens`: a budget of LLM positions per batch, each clip costing its audio
-    frames + prompt + `max_new_tokens`), and the next batch is read and resampled in a thread while the model
-    decodes the current one. `min_new_tokens` > 0 suppresses the end token until then: benchmarks use it to force
-    a realistic output length from random weights."""
-    fixed = prompt_tokens(model) + max_new_tokens if batch_tokens is not None else 0
-    planned = plan_batches([_length(p) for p in paths], batch_size, batch_tokens, fixed)
-    batches = [[paths[i] for i in b] for b in planned]
+
+@dataclass(frozen=True)
+class Transcript:
+    text: str
+    windows: int  # windows decoded: 1 for a file up to chunk_s
+
+
+def transcribe_long(
+    model: Any,
+    paths: list[Path],
+    batch_size: int,
+    max_new_tokens: int,
+    chunk_s: float = 35.0,
+    overlap_s: float = 10.0,
+    batch_tokens: int | None = None,
+    min_new_tokens: int = 0,
+) -> list[Transcript]:
+    """Greedy transcripts of files of any length, in input order.
+
+    A file up to `chunk_s` seconds is decoded whole; a longer one is read, cut at silences into overlapping windows
+    (`medasr.longform.plan_windows`) held in memory, and its windows' transcripts merged. Files are taken in groups
+    of about an hour of audio (what a group's windows hold in memory); within a group, short files and windows
+    decode together in `plan_batches`' batches (`batch_tokens`: a budget of LLM positions per batch, each piece
+    costing its audio frames + prompt + `max_new_tokens`), the next batch read in a thread while the model decodes
+    the current one."""
+    from medasr.longform import merge_transcripts
+    from medasr.params import MODEL_MAX_AUDIO_SECONDS
+
+    if not (0 < chunk_s <= MODEL_MAX_AUDIO_SECONDS and 0 <= overlap_s < chunk_s):
+        raise ValueError(f"need 0 < chunk_s <= {MODEL_MAX_AUDIO_SECONDS:g} and 0 <= overlap_s < chunk_s")
+    lengths = [_length(p) for p in paths]
+    texts: list[list[str]] = [[] for _ in paths]
     was_training = model.training
     model.eval()
-    eos = model.text_eos_id
-    texts: list[str] = []
     try:
-        with ThreadPoolExecutor(max_workers=1) as reader:
-            pending = reader.submit(load_batch, batches[0]) if batches else None
-            for k in range(len(batches)):
-                assert pending is not None
-                audios, lens = pending.result()
-                pending = reader.submit(load_batch, batches[k + 1]) if k + 1 < len(batches) else None
-                ids = generate_ids(model, audios, lens, max_new_tokens, min_new_tokens)
-                for row in ids.tolist():
-                    if eos in row:
-                        row = row[: row.index(eos)]
-                    texts.append(model.tokenizer.ids_to_text(row).strip())
+        for group in _groups(lengths, GROUP_SECONDS):
+            owners, pieces = [], []
+            for i in group:
+                for piece in _pieces(paths[i], lengths[i], chunk_s, overlap_s):
+                    owners.append(i)
+                    pieces.append(piece)
+            decoded = _decode(model, pieces, batch_size, max_new_tokens, min_new_tokens, batch_tokens)
+            for i, text in zip(owners, decoded, strict=True):
+                texts[i].append(text)  # a file's windows in time order
     finally:
         model.train(was_training)
-    out = [""] * len(paths)
+    # a file decoded whole keeps its text exactly as decoded
+    return [Transcript(merge_transcripts(t) if len(t) > 1 else t[0], len(t)) for t in texts]
+
+
+# Audio per group of files (~230 MB as float32 at 16 kHz): bounds what long recordings' windows hold in memory.
+GROUP_SECONDS = 3600.0
+
+
+def _groups(lengths: list[float], budget: float) -> list[list[int]]:
+    """Consecutive file indices in groups of at most `budget` seconds (a longer file forms a group of its own)."""
+    groups: list[list[int]] = []
+    total = 0.0
+    for i, seconds in enumerate(lengths):
+        if not groups or total + seconds > budget:
+            groups.append([])
+            total = 0.0
+        groups[-1].append(i)
+        total += seconds
+    return groups
+
+
+def _pieces(path: Path, seconds: float, chunk_s: float, overlap_s: float) -> list[tuple[Path | Any, float]]:
+    """What to decode for one file, with its seconds: the file itself when it fits in `chunk_s` (read in the batch
+    reader), else its windows in time order (16 kHz mono float32 tensors, views of the file's audio)."""
+    from medasr.longform import plan_windows, speech_regions
+
+    if seconds <= chunk_s:  # also an unreadable file (0 s): load_audio raises its real error in its batch
+        return [(path, seconds)]
+    audio = load_audio(path)
+    duration = len(audio) / SAMPLE_RATE
+    windows = plan_windows(duration, speech_regions(audio.numpy()), chunk_s, overlap_s)
+    most = math.floor(chunk_s * SAMPLE_RATE)  # seconds as floats can round a window one sample over the chunk
+    bounds = [(round(start * SAMPLE_RATE), round(end * SAMPLE_RATE)) for start, end in windows]
+    slices = [audio[start : min(end, start + most)] for start, end in bounds]
+    return [(piece, len(piece) / SAMPLE_RATE) for piece in slices]
+
+
+def _decode(
+    model: Any,
+    pieces: list[tuple[Path | Any, float]],
+    batch_size: int,
+    max_new_tokens: int,
+    min_new_tokens: int,
+    batch_tokens: int | None,
+) -> list[str]:
+    """Greedy transcripts of (audio, seconds) pieces, in order, in planned batches (see `transcribe_long`)."""
+    fixed = prompt_tokens(model) + max_new_tokens if batch_tokens is not None else 0
+    planned = plan_batches([seconds for _, seconds in pieces], batch_size, batch_tokens, fixed)
+    batches = [[pieces[i][0] for i in b] for b in planned]
+    eos = model.text_eos_id
+    texts: list[str] = []
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        pending = reader.submit(load_batch, batches[0]) if batches else None
+        for k in range(len(batches)):
+            assert pending is not None
+            audios, lens = pending.result()
+            pending = reader.submit(load_batch, batches[k + 1]) if k + 1 < len(batches) else None
+            ids = generate_ids(model, audios, lens, max_new_tokens, min_new_tokens)
+            for row in ids.tolist():
+                if eos in row:
+                    row = row[: row.index(eos)]
+                texts.append(model.tokenizer.ids_to_text(row).strip())
+    out = [""] * len(pieces)
     for i, text in zip((i for b in planned for i in b), texts, strict=True):
         out[i] = text
     return out

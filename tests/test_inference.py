@@ -40,6 +40,30 @@ def test_batches_hold_similar_lengths_within_the_size_cap_and_the_token_budget()
     assert plan_batches([], 4, 100, 20) == []
 
 
+def test_no_audio_longer_than_the_model_hears_is_ever_decoded_whole():
+    from medasr.inference import generate_ids
+    from medasr.params import MODEL_MAX_AUDIO_SECONDS
+
+    class Model:  # stands in for SALM: only what generate_ids touches once it lets a batch through
+        device = torch.device("cpu")
+
+        def generate(self, **kwargs):
+            return kwargs["audio_lens"]
+
+    limit = int(MODEL_MAX_AUDIO_SECONDS * 16_000)
+    audios = torch.zeros(2, limit + 1)
+    with pytest.raises(ValueError, match=r"audio of 40\.0001 s in a decode batch: the model hears at most 40 s"):
+        generate_ids(Model(), audios, torch.tensor([16_000, limit + 1]), 8)
+    assert generate_ids(Model(), audios, torch.tensor([16_000, limit]), 8).tolist() == [16_000, limit]
+
+
+def test_files_decode_in_groups_of_bounded_audio_each_whole_file_in_one_group():
+    from medasr.inference import _groups
+
+    assert _groups([1000, 3000, 500, 4000, 10], 3600) == [[0], [1, 2], [3], [4]]
+    assert _groups([], 3600) == []
+
+
 def _model_folder(tmp_path, meta: dict):
     (tmp_path / "medasr.json").write_text(json.dumps(meta))
     return tmp_path
