@@ -19,16 +19,19 @@ from medasr.params import ManifestParams
 from medasr.paths import AUDIO_SUBDIR
 from medasr.text import training_text
 
-# PriMock57's channel files are `<consultation>_<doctor|patient>`; a clip cut from one adds `-<start>-<end>`, and a
-# TextGrid with several tiers names a tier `<file>-<tier>`
-_ROLE = re.compile(r"(?:^|[_-])(doctor|patient)(?=$|-)", re.IGNORECASE)
+# PriMock57's channel files are `<consultation>_<doctor|patient>`; a TextGrid with several tiers names a tier's clips
+# `<file>-<tier>`, and a clip adds `-<start ms>-<end ms>`. Anchored at the end: a role word anywhere else in a name
+# (`patient-0001`, `doctor-visit-03`) says nothing about who speaks.
+_ROLE = re.compile(r".*?(?:_(doctor|patient))?(?:-(doctor|patient))?(?:-\d{8}-\d{8})?", re.IGNORECASE | re.DOTALL)
 
 
 def speaker_role(clip_id: str) -> str | None:
     """Which side of a consultation speaks, where the id says so: "doctor" or "patient" for
-    `day1_consultation01_doctor` or `day1_consultation01_doctor-00000600-00003179`; else None."""
-    m = _ROLE.search(clip_id)
-    return m[1].lower() if m else None
+    `day1_consultation01_doctor`, `day1_consultation01_doctor-00000600-00003179` or `visit-Patient-00002000-00003000`
+    (the tier wins over the file name); else None."""
+    m = _ROLE.fullmatch(clip_id)
+    role = m and (m[2] or m[1])
+    return role.lower() if role else None
 
 
 def audio_name(row_id: str) -> str:

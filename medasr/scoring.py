@@ -41,12 +41,19 @@ _FOLD = {
     "coeliac": "celiac",
     "melaena": "melena",
     "catheterisation": "catheterization",
+    "microgramme": "microgram",  # Whisper folds milligramme and kilogramme, not this one
+    "microgrammes": "micrograms",
 }
+# Unit abbreviations, read out as the word: "5 mg" is said "5 milligrams". Plural unless the number is one (Whisper
+# writes a lone 1 as "one"), as the word would be said; "mls" is always plural.
+_UNIT = {"mg": "milligram", "mcg": "microgram", "ml": "milliliter", "kg": "kilogram"}
+_PLURAL_UNIT = {"mls": "milliliters"}
 # British medical spellings Whisper's word list lacks (oedema, haematuria, ischaemia, dyspnoea ...), by stem.
 _BRITISH_MEDICAL = (
     (re.compile(r"^haem"), "hem"),  # haematuria, haematoma, haemoptysis, haemodialysis
     (re.compile(r"aem(?=i)"), "em"),  # ischaemia, hypoglycaemia, septicaemia, glycaemic, leukaemic
-    (re.compile(r"^oe(?=soph|dem)"), "e"),  # oesophagitis, oesophageal, oedema, oedematous
+    (re.compile(r"^oe(?=soph|dem|str)"), "e"),  # oesophagitis, oesophageal, oedema, oedematous, oestradiol
+    (re.compile(r"^leuc(?=ocyt|open)"), "leuk"),  # leucocyte(s), leucocytosis, leucopenia; not leucovorin
     (re.compile(r"(rrh|pn)oe"), r"\1e"),  # amenorrhoea, diarrhoeal, dyspnoea, apnoea, dyspnoeic
 )
 
@@ -65,8 +72,14 @@ def _whisper():
 
 
 def normalize(text: str) -> str:
-    out = _whisper()(_PROTECT_OH.sub(_OH_MARK, text or "")).replace(_OH_MARK, "oh")
-    return " ".join(_fold(word) for word in out.split())
+    words = _whisper()(_PROTECT_OH.sub(_OH_MARK, text or "")).replace(_OH_MARK, "oh").split()
+    return " ".join(_unit(word, before) for before, word in zip(["", *words], words, strict=False))
+
+
+def _unit(word: str, before: str) -> str:
+    if word in _UNIT:
+        return _UNIT[word] + ("" if before == "one" else "s")
+    return _PLURAL_UNIT.get(word) or _fold(word)
 
 
 @dataclass(frozen=True)
@@ -168,10 +181,11 @@ def score(references: list[str], hypotheses: list[str]) -> dict[str, Any]:
 
 # Likely hallucination, judged on the hypothesis alone. In PriMock57's published consultation transcripts (55
 # consultations, both channels, normalised) the longest back-to-back repeats people actually said are a word 6
-# times ("okay okay ..."), a 2-gram 4 times ("it is it is ..."), a 3-gram 3 times; a decoder stuck in a loop repeats
-# until its token limit. 8 repeats of any 1- to 4-gram is past all of that.
-_LOOP_REPEATS = 8
-_LOOP_MAX_N = 4
+# times ("okay okay ..."), a 2-gram 4 times ("it is it is ..."), a 3-gram 3 times, and any 4- to 30-gram twice; a
+# decoder stuck in a loop repeats until its token limit. 8 repeats of a 1- to 4-gram, or 3 of a 5- to 30-gram (a
+# sentence said over and over), is past all of that. (A 3- or 4-gram repeated 6 times is also a 6- or 8-gram
+# repeated 3 times, so it counts from there.)
+_LOOP_REPEATS = ((range(1, 5), 8), (range(5, 31), 3))
 # Fast conversational speech is about 4-5 words per second (PriMock57's fastest intervals: 6.7 words/s over a couple of
 # seconds, under 6 over 5 s and more). More words than 6 per second of audio plus 10 (short clips, number words that
 # the normaliser expands) is more than anyone said in the audio.
@@ -181,7 +195,8 @@ _SLACK_WORDS = 10
 
 def hallucination_flags(hypothesis_norm: str, duration_s: float) -> list[str]:
     """Flags for a likely hallucinated hypothesis (normalised): "repeated_ngram" (a 1- to 4-gram repeated back to
-    back at least 8 times), "too_long" (more words than 6 per second of audio plus 10). Empty when neither."""
+    back at least 8 times, or a 5- to 30-gram at least 3 times), "too_long" (more words than 6 per second of audio
+    plus 10). Empty when neither."""
     words = hypothesis_norm.split()
     flags = []
     if _has_loop(words):
@@ -192,11 +207,12 @@ def hallucination_flags(hypothesis_norm: str, duration_s: float) -> list[str]:
 
 
 def _has_loop(words: list[str]) -> bool:
-    for n in range(1, _LOOP_MAX_N + 1):
-        # positions where the word equals the one n places later; a run of n * (R - 1) of them is R repeats
-        run = 0
-        for i in range(len(words) - n):
-            run = run + 1 if words[i] == words[i + n] else 0
-            if run >= n * (_LOOP_REPEATS - 1):
-                return True
+    for sizes, repeats in _LOOP_REPEATS:
+        for n in sizes:
+            # positions where the word equals the one n places later; a run of n * (R - 1) of them is R repeats
+            run = 0
+            for i in range(len(words) - n):
+                run = run + 1 if words[i] == words[i + n] else 0
+                if run >= n * (repeats - 1):
+                    return True
     return False

@@ -405,25 +405,26 @@ def test_hub_snapshot_of_the_osce_repo_is_unpacked_once_and_read_as_a_segment_li
 
 def test_textgrid_point_tiers_are_ignored_and_several_interval_tiers_named(tmp_path):
     """Praat TextGrids may also hold point tiers (TextTier: instants, nothing to cut) and more than one interval
-    tier; each interval tier's clips then carry the tier name in their id."""
+    tier; each interval tier's clips then carry the tier name in their id, and all of them the one file's group
+    (a tier's name is a speaker, not part of the recording's name)."""
     import soundfile as sf
     from helpers import tone
     from praatio import textgrid as tgio
 
     corpus = tmp_path / "grids"
     corpus.mkdir()
-    sf.write(corpus / "visit.wav", tone(4.0), 16_000, subtype="PCM_16")
+    sf.write(corpus / "clinic_nurse.wav", tone(4.0), 16_000, subtype="PCM_16")
     grid = tgio.Textgrid()
-    grid.addTier(tgio.IntervalTier("Doctor", [(0.5, 1.5, "Any pain?")], 0, 4.0))
+    grid.addTier(tgio.IntervalTier("Nurse", [(0.5, 1.5, "Any pain?")], 0, 4.0))
     grid.addTier(tgio.IntervalTier("Patient", [(2.0, 3.0, "A little.")], 0, 4.0))
     grid.addTier(tgio.PointTier("events", [(1.7, "door")], 0, 4.0))
-    grid.save(str(corpus / "visit.TextGrid"), format="long_textgrid", includeBlankSpaces=True)
+    grid.save(str(corpus / "clinic_nurse.TextGrid"), format="long_textgrid", includeBlankSpaces=True)
 
     info = fetch.run(params(corpus), out_dir=tmp_path / "raw")
     assert info["kind"] == "textgrid" and info["skipped"] == {}
-    assert [(r["source_id"], r["text"]) for r in raw_rows(tmp_path / "raw")] == [
-        ("visit-Doctor-00000500-00001500", "Any pain?"),
-        ("visit-Patient-00002000-00003000", "A little."),
+    assert [(r["source_id"], r["group"], r["text"]) for r in raw_rows(tmp_path / "raw")] == [
+        ("clinic_nurse-Nurse-00000500-00001500", "clinic_nurse", "Any pain?"),
+        ("clinic_nurse-Patient-00002000-00003000", "clinic_nurse", "A little."),
     ]
 
 
@@ -595,9 +596,37 @@ def test_osce_segment_list_long_form_one_row_per_recording_in_time_order(tmp_pat
     assert rows[0]["audio"] == (corpus / "audio" / "RES0001.mp3").read_bytes() and rows[1]["audio"] is None
 
 
-def test_textgrid_long_form_names_each_tier_and_groups_consultations_by_file_name(tmp_path):
-    """Several interval tiers in one file: a row per tier, `<name>-<tier>`, the same whole recording each. The
-    group follows `<consultation>_<doctor|patient>` whatever the tier is called, else the old `_<tier>` rule."""
+def test_osce_segment_list_long_form_one_recording_however_its_path_is_spelt_and_repeats_read_once(tmp_path):
+    """Lines naming one file as `audio/R1.wav`, `./audio/R1.wav` or `audio//R1.wav` are one recording (not three
+    rows with one id, each a third of the text); a line repeated exactly is read once and counted, not taken for
+    overlapping speech that would drop the whole recording."""
+    from collections import Counter
+
+    from medasr.sources import segment_list
+
+    corpus = tmp_path / "medical"
+    (corpus / "audio").mkdir(parents=True)
+    (corpus / "audio" / "R1.wav").write_bytes(wav(6.0))
+    lines = [
+        "audio/R1.wav[0,1]\tFIRST",
+        "./audio/R1.wav[4,5]\tTHIRD",
+        "audio//R1.wav[2,3]\tSECOND",
+        "audio/R1.wav[0,1]\tFIRST",
+        "audio/R1.wav[5,6]\tFOURTH",
+    ]
+    (corpus / "medical_test.info").write_text("\n".join(lines) + "\n")
+    skipped: Counter = Counter()
+    rows = list(segment_list.read_recordings(str(corpus), params(corpus, split="test"), skipped))
+    assert [(r["source_id"], r["source_path"], r["text"]) for r in rows] == [
+        ("R1", "audio/R1.wav", "FIRST SECOND THIRD FOURTH")
+    ]
+    assert skipped == {"duplicate_segment": 1} and rows[0]["audio"] == (corpus / "audio" / "R1.wav").read_bytes()
+
+
+def test_textgrid_long_form_merges_the_tiers_of_one_recording_and_groups_consultations_by_file_name(tmp_path):
+    """Several interval tiers over one file are the speakers of one mixed recording: one row, `<name>`, all tiers'
+    intervals in order of start time (speakers on different tiers may talk over each other). The group follows
+    `<consultation>_<doctor|patient>` whatever the tier is called, else the old `_<tier>` rule for a one-tier file."""
     import soundfile as sf
     from helpers import tone
     from praatio import textgrid as tgio
@@ -609,21 +638,21 @@ def test_textgrid_long_form_names_each_tier_and_groups_consultations_by_file_nam
     sf.write(corpus / "visit.wav", tone(4.0), 16_000, subtype="PCM_16")
     grid = tgio.Textgrid()
     grid.addTier(tgio.IntervalTier("Doctor", [(2.5, 3.0, "Anything else?"), (0.5, 1.5, "Any pain?")], 0, 4.0))
-    grid.addTier(tgio.IntervalTier("Patient", [(2.0, 2.4, "A little.")], 0, 4.0))
+    grid.addTier(tgio.IntervalTier("Patient", [(1.2, 2.4, "A little.")], 0, 4.0))  # over the doctor's end
     grid.save(str(corpus / "visit.TextGrid"), format="long_textgrid", includeBlankSpaces=True)
 
     info = sources.fetch_to(params(corpus), tmp_path / "raw", long_form=True)
     rows = raw_rows(tmp_path / "raw")
-    assert info["skipped"] == {} and [(r["source_id"], r["text"]) for r in rows] == [
-        ("visit-Doctor", "Any pain? Anything else?"),
-        ("visit-Patient", "A little."),
+    assert info["skipped"] == {} and [(r["source_id"], r["group"], r["text"]) for r in rows] == [
+        ("visit", "visit", "Any pain? A little. Anything else?"),
     ]
-    assert rows[0]["audio"] == rows[1]["audio"] == (corpus / "visit.wav").read_bytes()
+    assert rows[0]["audio"] == (corpus / "visit.wav").read_bytes()
 
     assert group_of("day2_consultation03_doctor", "Speaker") == "day2_consultation03"
     assert group_of("Day2_Consultation03_PATIENT", "Patient") == "Day2_Consultation03"
     assert group_of("clinic_nurse", "Nurse") == "clinic"
     assert group_of("visit", "Doctor") == "visit"
+    assert group_of("clinic_nurse", None) == "clinic_nurse"  # several tiers: each clip's group is the one file
 
 
 @pytest.mark.parametrize("kind", ["textgrid", "segment_list"])

@@ -127,6 +127,12 @@ def test_long_form_reads_each_published_channel_whole(corpus, tmp_path):
         ("doctors_notes_01", None),
         ("x_doctorate-00000000-00001000", None),
         ("abc123", None),
+        ("patient-0001", None),  # a role word anywhere but the end of the recording name says nothing
+        ("doctor-visit-03", None),
+        ("nurse_patient-interview-0001", None),
+        ("patient_doctor_notes-00000000-00001000", None),
+        ("visit_Doctor-Patient-00000000-00001000", "patient"),  # the tier names the speaker, not the file
+        ("day1_consultation01_doctor-0000600-00003179", None),  # not a clip suffix
     ],
 )
 def test_speaker_role_from_the_clip_id(clip_id, role):

@@ -52,7 +52,7 @@ def test_upstream_whisper_normaliser_cases(text, expected):
         ("Okay", "okay"),
         ("Mum said", "mom said"),
         ("PATIENT HAS A FEVER", "patient has a fever"),  # all-caps references score like cased hypotheses
-        ("Take 5 mg.", "take 5 mg"),
+        ("Take 5 mg.", "take 5 milligrams"),
     ],
 )
 def test_medical_fixes(text, expected):
@@ -84,6 +84,17 @@ FOLDS = [
     ("ischaemic hypoglycaemic", "ischemic hypoglycemic"),
     ("oedema, oesophagitis", "edema esophagitis"),
     ("dyspnoea, apnoea, amenorrhoea", "dyspnea apnea amenorrhea"),
+    ("5mg of ramipril", "5 milligrams of ramipril"),
+    ("5 milligrams of ramipril", "5 milligrams of ramipril"),
+    ("1 mg", "one milligram"),  # Whisper writes a lone 1 as "one"; said "one milligram"
+    ("500 mcg", "500 micrograms"),
+    ("500 microgrammes", "500 micrograms"),
+    ("10 ml, 10 mls", "10 milliliters 10 milliliters"),
+    ("10 millilitres", "10 milliliters"),  # Whisper's own fold, the form the abbreviation goes to
+    ("70 kg", "70 kilograms"),
+    ("oestradiol and oestrogens", "estradiol and estrogens"),
+    ("leucocytes, a leucocyte", "leukocytes a leukocyte"),
+    ("leucopenia", "leukopenia"),
 ]
 
 
@@ -92,7 +103,7 @@ def test_folds_map_spellings_of_the_same_words_onto_one(text, expected):
     assert normalize(text) == expected
 
 
-@pytest.mark.parametrize("word", ["shoe", "canoe", "phoenix", "academia", "bohemian", "poem"])
+@pytest.mark.parametrize("word", ["shoe", "canoe", "phoenix", "academia", "bohemian", "poem", "leucovorin"])
 def test_british_medical_stems_leave_other_words_alone(word):
     assert normalize(word) == word
 
@@ -142,6 +153,18 @@ def test_repeated_ngram_loops_are_flagged_but_speech_repeats_are_not():
     assert hallucination_flags("thank you " * 8, 30.0) == ["repeated_ngram"]
     assert hallucination_flags("take the tablet " + "every day at noon " * 8, 60.0) == ["repeated_ngram"]
     assert hallucination_flags("yes " * 7, 10.0) == []  # one short of the threshold
+
+
+def test_a_sentence_repeated_three_times_is_a_loop_but_said_twice_is_not():
+    # PriMock57's human transcripts never repeat a 5- to 30-gram back to back more than twice
+    sentence = "i have had this pain in my chest since yesterday "
+    assert hallucination_flags(normalize(sentence * 5), 30.0) == ["repeated_ngram"]
+    assert hallucination_flags(normalize(sentence * 3), 30.0) == ["repeated_ngram"]
+    assert hallucination_flags(normalize(sentence * 2), 30.0) == []
+    assert hallucination_flags("a b c d e " * 2 + "a b c d", 30.0) == []  # 5-gram: one short of three
+    thirty = " ".join(f"w{i}" for i in range(30)) + " "
+    assert hallucination_flags(thirty * 3, 60.0) == ["repeated_ngram"]
+    assert hallucination_flags("it is not " * 3 + "it is not it", 30.0) == []  # a 3-gram stays at 8 repeats
 
 
 def test_hypotheses_far_longer_than_the_audio_allows_are_flagged():

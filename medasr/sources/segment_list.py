@@ -76,31 +76,40 @@ def read(location: str, p: FetchParams, skipped: Counter) -> Iterator[dict[str, 
 
 
 def read_recordings(location: str, p: FetchParams, skipped: Counter) -> Iterator[dict[str, Any]]:
-    """Long-form: one row per recording (in order of its first line), id = its file stem. A recording whose
-    segments overlap has no time order to join them in: counted as `unordered_transcript`, not read."""
+    """Long-form: one row per recording (in order of its first line), id = its file stem as first written. Lines
+    naming one file however spelt (`audio/R1.wav`, `./audio/R1.wav`, `audio//R1.wav`) are one recording; a line
+    repeated exactly is read once (`duplicate_segment`). A recording whose segments overlap has no time order to
+    join them in: counted as `unordered_transcript`, not read."""
     root = Path(location)
     links_to = link_roots(root)
-    recordings: dict[str, list[Segment]] = {}
+    files: dict[str, Path | None] = {}  # each spelling's file, None when refused (counted once)
+    # keyed by dataset_file's path: `.` and `//` fold away and `..` is refused; not resolved through links, which
+    # in a hub snapshot would merge distinct files whose bytes happen to match (one deduplicated blob)
+    recordings: dict[Path, list[Segment]] = {}
     for seg in _segments(root, p, skipped):
-        recordings.setdefault(seg.path, []).append(seg)
+        if seg.path not in files:
+            files[seg.path] = safe_file(seg.path, root, links_to, skipped, seg.where)
+        if (file := files[seg.path]) is not None:
+            recordings.setdefault(file, []).append(seg)
     index = 0
-    for path, segs in recordings.items():
-        segs.sort(key=lambda s: (s.start, s.end))
+    for file, lines in recordings.items():
+        unique = {(s.start, s.end, s.text.strip()): s for s in reversed(lines)}  # the first of each duplicate
+        if dropped := len(lines) - len(unique):
+            skipped["duplicate_segment"] += dropped
+            log.warning("%s: %d segment line(s) repeated exactly, read once", lines[0].path, dropped)
+        segs = sorted(unique.values(), key=lambda s: (s.start, s.end))
         clash = next(((a, b) for a, b in itertools.pairwise(segs) if b.start < a.end), None)
         if clash:
             skipped["unordered_transcript"] += 1
-            log.warning("%s skipped: segments %s and %s overlap", path, clash[0].where, clash[1].where)
+            log.warning("%s skipped: segments %s and %s overlap", lines[0].path, clash[0].where, clash[1].where)
             continue
-        file = safe_file(path, root, links_to, skipped, segs[0].where)
-        if file is None:
-            continue
-        recording = Path(path).stem
+        recording = Path(lines[0].path).stem
         yield {
             "row": index,
             "source_id": recording,
             "group": recording,
             "audio": file.read_bytes() if file.is_file() else None,
-            "source_path": path,
+            "source_path": lines[0].path,
             "text": " ".join(s.text.strip() for s in segs if s.text.strip()),
         }
         index += 1

@@ -1,14 +1,16 @@
 """Long recordings with Praat TextGrid transcripts, as PriMock57 publishes them (`transcripts/<name>.TextGrid`
 beside `audio/<name>.wav`, one interval per utterance).
 
-By clip (`read`): each labelled interval is cut out as a clip, id `<name>-<start ms>-<end ms>`. Long-form
-(`read_recordings`): one row per recording and interval tier, id `<name>` (`<name>-<tier>` when the file has
-several), the whole audio file, text = the labelled intervals' text in time order.
+By clip (`read`): each labelled interval is cut out as a clip, id `<name>-<start ms>-<end ms>` (`<name>-<tier>-...`
+when the file has several interval tiers). Long-form (`read_recordings`): one row per recording, id `<name>`, the
+whole audio file, text = the labelled intervals of all its tiers in time order. Several tiers over one file are the
+speakers of one mixed recording: a row per tier would score each speaker's text against everyone's speech.
 
 Group (both): PriMock57 names each channel's file `<consultation>_<doctor|patient>`, so the group is
 `<consultation>` and both channels of a consultation stay on one side of the split. Its published files name their
 only tier `Speaker` (112 of 114), so the tier name cannot be trusted for this; a name without that convention loses
-a trailing `_<tier name>` (`visit_nurse` with tier `Nurse` -> `visit`), else the group is the whole name."""
+a trailing `_<tier name>` when the file has one tier (`visit_nurse` with tier `Nurse` -> `visit`), else the group
+is the whole name: all of a file's clips are one recording, so one group."""
 
 from __future__ import annotations
 
@@ -32,19 +34,19 @@ def has_textgrids(path: Path) -> bool:
     return any(path.rglob("*.TextGrid"))
 
 
-def group_of(stem: str, tier: str) -> str:
-    """The recording group of the TextGrid file `stem`'s tier `tier` (see the module docstring)."""
+def group_of(stem: str, tier: str | None) -> str:
+    """The recording group of the TextGrid file `stem` whose only interval tier is `tier` (None: several tiers;
+    see the module docstring)."""
     if m := _CHANNEL.match(stem):
         return m["consultation"]
-    suffix = f"_{tier.lower()}"
-    return stem[: -len(suffix)] if stem.lower().endswith(suffix) and len(stem) > len(suffix) else stem
+    suffix = f"_{(tier or '').lower()}"
+    return stem[: -len(suffix)] if tier and stem.lower().endswith(suffix) and len(stem) > len(suffix) else stem
 
 
-def _tiers(root: Path, skipped: Counter) -> Iterator[tuple[Path, Any, Path | None, OutsideDataset | None, bool]]:
-    """(TextGrid, interval tier, its recording or None when missing, why that recording may not be read, whether
-    the file has several interval tiers) for each interval tier of each readable TextGrid (any depth), matched to
-    audio files (any depth) by file name. Unreadable TextGrids, overlapping intervals and audio without a
-    transcript are counted."""
+def _grids(root: Path, skipped: Counter) -> Iterator[tuple[Path, list[Any], Path | None, OutsideDataset | None]]:
+    """(TextGrid, its interval tiers, its recording or None when missing, why that recording may not be read) for
+    each readable TextGrid (any depth), matched to audio files (any depth) by file name. Unreadable TextGrids,
+    intervals overlapping within a tier and audio without a transcript are counted."""
     from praatio import textgrid
     from praatio.utilities.errors import PraatioException
 
@@ -75,12 +77,12 @@ def _tiers(root: Path, skipped: Counter) -> Iterator[tuple[Path, Any, Path | Non
             refused = exc
         # point tiers (TextTier) mark instants, not utterances: nothing to cut
         tiers = [t for t in map(tg.getTier, tg.tierNames) if isinstance(t, textgrid.IntervalTier)]
-        for tier in tiers:
-            yield grid, tier, file, refused, len(tiers) > 1
+        if tiers:
+            yield grid, tiers, file, refused
 
 
-def _name(grid: Path, tier: Any, several: bool) -> str:
-    return f"{grid.stem}-{tier.name}" if several else grid.stem
+def _group(grid: Path, tiers: list[Any]) -> str:
+    return group_of(grid.stem, tiers[0].name if len(tiers) == 1 else None)
 
 
 def read(location: str, p: FetchParams, skipped: Counter) -> Iterator[dict[str, Any]]:
@@ -88,8 +90,8 @@ def read(location: str, p: FetchParams, skipped: Counter) -> Iterator[dict[str, 
     `p` is unused."""
     root = Path(location)
     index = 0
-    for grid, tier, file, refused, several in _tiers(root, skipped):
-        for start, end, label in tier.entries:
+    for grid, tiers, file, refused in _grids(root, skipped):
+        for tier, (start, end, label) in ((t, e) for t in tiers for e in t.entries):
             if not label.strip():
                 continue
             if refused is not None:
@@ -97,8 +99,8 @@ def read(location: str, p: FetchParams, skipped: Counter) -> Iterator[dict[str, 
                 continue
             yield {
                 "row": index,
-                "source_id": clip_id(_name(grid, tier, several), start, end),
-                "group": group_of(grid.stem, tier.name),
+                "source_id": clip_id(f"{grid.stem}-{tier.name}" if len(tiers) > 1 else grid.stem, start, end),
+                "group": _group(grid, tiers),
                 "audio": cut_segment(file, start, end - start) if file else None,
                 "source_path": f"{grid.relative_to(root)}[{start:.3f},{end:.3f}]",
                 "text": label,
@@ -107,20 +109,23 @@ def read(location: str, p: FetchParams, skipped: Counter) -> Iterator[dict[str, 
 
 
 def read_recordings(location: str, p: FetchParams, skipped: Counter) -> Iterator[dict[str, Any]]:
-    """Long-form: one row per recording and interval tier, its labelled intervals' text joined in time order (one
-    interval spanning the whole channel is as good as many). A missing recording reaches testsets as missing audio."""
+    """Long-form: one row per recording, the labelled intervals of all its tiers joined in order of start time (one
+    interval spanning the whole channel is as good as many; speakers on different tiers may talk over each other).
+    A missing recording reaches testsets as missing audio."""
     root = Path(location)
     index = 0
-    for grid, tier, file, refused, several in _tiers(root, skipped):
+    for grid, tiers, file, refused in _grids(root, skipped):
         if refused is not None:
             refuse(skipped, str(grid), refused)
             continue
+        # a stable sort: intervals starting together keep the tiers' order
+        entries = sorted((e for t in tiers for e in t.entries), key=lambda e: e.start)
         yield {
             "row": index,
-            "source_id": _name(grid, tier, several),
-            "group": group_of(grid.stem, tier.name),
+            "source_id": grid.stem,
+            "group": _group(grid, tiers),
             "audio": file.read_bytes() if file else None,
-            "source_path": str(grid.relative_to(root)) + (f"[{tier.name}]" if several else ""),
-            "text": " ".join(label.strip() for _, _, label in tier.entries if label.strip()),
+            "source_path": str(grid.relative_to(root)),
+            "text": " ".join(label.strip() for _, _, label in entries if label.strip()),
         }
         index += 1
