@@ -52,7 +52,7 @@ lint: install
 demo: install
 	medasr remote setup
 	dvc exp run $(DEMO_PARAMS)
-	dvc metrics show
+	medasr report
 
 # Resolve requirements.in in a scratch venv and freeze it. The torch pin is written without its local label (+cpu),
 # so the same file installs the CPU build here and the CUDA build on a GPU pod.

@@ -227,6 +227,8 @@ def _eval(work: Path, p: Params) -> dict[str, Any]:
         model_dir=work / "model",
         metrics_file=work / "eval.json",
         predictions_file=work / "predictions.jsonl",
+        report_file=work / "report.md",
+        plot_file=work / "wer_by_set.json",
     )
 
 

@@ -8,6 +8,7 @@ inside the commands that need them. The remote, W&B and RunPod commands live in 
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +19,8 @@ from dotenv import load_dotenv
 
 from medasr import MedasrError
 from medasr import log as logs
-from medasr.params import Params, ParamsError, load_params
-from medasr.paths import MODEL_DIR
+from medasr.params import MODEL_MAX_AUDIO_SECONDS, EvalParams, Params, ParamsError, load_params
+from medasr.paths import EVAL_METRICS, MODEL_DIR, command_log
 from stages import cli_loop, cli_ops
 
 app = typer.Typer(
@@ -43,10 +44,15 @@ STAGE_COMMANDS = {"fetch", "subset", "manifest", "testsets", "train", "eval"}
 
 
 @app.callback()
-def _main(ctx: typer.Context, verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+def _main(
+    ctx: typer.Context,
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Debug logging, and the libraries' messages on the console (not only in logs/)."
+    ),
+) -> None:
     # Variables already in the environment win over .env, so a pod's injected secrets are never shadowed.
     load_dotenv(Path.cwd() / ".env", override=False)
-    logs.setup(verbose)
+    logs.setup(verbose, command_log(ctx.invoked_subcommand or "medasr"))
     if ctx.invoked_subcommand in STAGE_COMMANDS:
         _hold_stage_pidfile()
 
@@ -180,14 +186,26 @@ def evaluate(params: Path = PARAMS_OPTION) -> None:
     """Transcribe val, every test set and a sample of the training clips with the fine-tuned and the base model
     and score both, per eval.*; on the GPU when there is one, in the precision the model was trained in.
 
-    Reads data/manifests/{val,train}.json, data/testsets/ and models/canary-qwen-medical-lora/; writes
-    metrics/eval.json (val.*, test.<name>.* and train_sample.*, each with finetuned, base and wer_reduction, plus
-    runtime) and metrics/predictions.jsonl.
-    """
+    Reads data/manifests/{val,train}.json, data/testsets/, models/canary-qwen-medical-lora/; writes metrics/eval.json
+    (val.*, test.<name>.*, train_sample.*: finetuned, base, wer_reduction with 95% intervals; summary, runtime),
+    predictions.jsonl, report.md and wer_by_set.json (the plot) under metrics/; prints the headline table."""
     p = _params(params)
+    from medasr.report import headline_table
     from stages import eval as stage
 
-    _one_line_errors(lambda: stage.run(p.eval, p.model, p.lora, p.train.seed))
+    typer.echo(headline_table(_one_line_errors(lambda: stage.run(p.eval, p.model, p.lora, p.train.seed))))
+
+
+@app.command()
+def report() -> None:
+    """Print metrics/eval.json's headline table: per set both models' WER and the reduction with its 95% interval,
+    the pooled gain and forgetting check, the headline sentence. metrics/report.md holds the rest."""
+    from medasr.report import headline_table
+
+    if not EVAL_METRICS.is_file():
+        typer.echo(f"error: {EVAL_METRICS} is missing: run `medasr eval` (or `dvc repro`) first", err=True)
+        raise typer.Exit(EXIT_FAILED)
+    typer.echo(headline_table(json.loads(EVAL_METRICS.read_text(encoding="utf-8"))))
 
 
 @app.command()
@@ -196,16 +214,32 @@ def transcribe(
     audio: list[Path] = typer.Argument(..., help="Audio files: any rate or channel count libsndfile reads."),
     batch_size: int = typer.Option(8, min=1),
     max_new_tokens: int = typer.Option(256, min=1),
+    chunk_s: float = typer.Option(
+        EvalParams.model_fields["chunk_s"].default,
+        help=f"Longer audio is decoded in windows of at most this many seconds (0 < s <= {MODEL_MAX_AUDIO_SECONDS:g}), "
+        "cut at silences.",
+    ),
+    overlap_s: float = typer.Option(
+        EvalParams.model_fields["chunk_overlap_s"].default,
+        help="Seconds neighbouring windows share (below --chunk-s): their transcripts are merged on the words there.",
+    ),
 ) -> None:
-    """Print `file<TAB>transcript` for each audio file, greedy decoding with the training prompt, on the GPU when
-    there is one, in the precision the model was trained in.
+    """Print `file<TAB>transcript` for each audio file, whatever its length, greedy decoding with the training
+    prompt, on the GPU when there is one, in the precision the model was trained in.
 
     Unreadable files are reported on stderr and skipped; the exit code is 1 if any was skipped.
     """
+    if not 0 < chunk_s <= MODEL_MAX_AUDIO_SECONDS or not 0 <= overlap_s < chunk_s:
+        typer.echo(
+            f"error: need 0 < --chunk-s <= {MODEL_MAX_AUDIO_SECONDS:g} (the model's limit) and 0 <= --overlap-s < "
+            f"--chunk-s; got --chunk-s {chunk_s:g} --overlap-s {overlap_s:g}",
+            err=True,
+        )
+        raise typer.Exit(EXIT_BAD_PARAMS)
     from medasr.audio import AudioDecodeError, decode
     from medasr.device import place
     from medasr.export import load_model, model_precision
-    from medasr.inference import transcribe as run_transcribe
+    from medasr.inference import transcribe_long
 
     readable = []
     for path in audio:
@@ -216,8 +250,9 @@ def transcribe(
             typer.echo(f"skipped {path}: {exc}", err=True)
     precision = _one_line_errors(lambda: model_precision(model))  # before loading: a wrong folder fails at once
     loaded = place(_one_line_errors(lambda: load_model(model)), precision)  # the accelerator, as in training
-    for path, text in zip(readable, run_transcribe(loaded, readable, batch_size, max_new_tokens), strict=True):
-        typer.echo(f"{path}\t{text}")
+    done = transcribe_long(loaded, readable, batch_size, max_new_tokens, chunk_s, overlap_s)
+    for path, transcript in zip(readable, done, strict=True):
+        typer.echo(f"{path}\t{transcript.text}")
     if len(readable) < len(audio):
         raise typer.Exit(EXIT_FAILED)
 
@@ -239,12 +274,23 @@ def download_model(params: Path = PARAMS_OPTION) -> None:
 def export(
     model: Path = typer.Option(MODEL_DIR, help="Exported model folder to read."),
     out: Path = typer.Option(..., help="Folder to write."),
+    repo: str = typer.Option(
+        None, "--push-to-hub", metavar="REPO", help="Then upload the folder to this Hugging Face model repo."
+    ),
 ) -> None:
-    """Write a self-contained copy of a trained model with the LoRA merged in (plus a card of how it was made)."""
-    from medasr.export import export_merged
+    """Write a self-contained copy of a trained model with the LoRA merged in, plus a model card of how it was made
+    and, for the pipeline's own model, its test results from metrics/eval.json (in Hugging Face's model-index).
 
-    _one_line_errors(lambda: export_merged(model, out))
+    With --push-to-hub, the folder is then uploaded (the repo is created private when missing) with the token in
+    HF_TOKEN; without one the command stops before any work.
+    """
+    from medasr.export import eval_results, export_merged, hub_token, push_to_hub
+
+    token = _one_line_errors(lambda: hub_token(repo)) if repo is not None else None
+    _one_line_errors(lambda: export_merged(model, out, eval_results(model)))
     typer.echo(f"wrote {out}")
+    if repo is not None and token is not None:
+        typer.echo(f"uploaded to {repo}: {_one_line_errors(lambda: push_to_hub(out, repo, token))}")
 
 
 @app.command()

@@ -5,12 +5,17 @@ the test sets prepared under `data/testsets/` and `models/canary-qwen-medical-lo
 `metrics/eval.json`, one block per audio set: `val` (the split that also picked the checkpoint), `test.<name>` for
 each of `eval.test_sets` (the headline: audio training never saw) and `train_sample` (`eval.train_sample` training
 clips, picked by a hash of their ids; absent when 0): its gap to `val` shows over-fitting, and a poor score there
-means targets, prompt or decoding disagree with training. Each block holds `finetuned` and `base` (WER, CER, raw
-WER, error counts, medical-term WER, RTFx) and `wer_reduction`, so `dvc metrics diff` shows the gain per set.
-`runtime` records where and in what each model ran: both run on the accelerator when there is one, in the
-precision the model was trained in (medasr.json), and RTFx is measured there; the dtypes are observed during
-decoding, not assumed. `metrics/predictions.jsonl` has one row per utterance, model and set. Decoding is batched
-and greedy with the training prompt; WER is corpus-level on text normalised by medasr/scoring.py.
+means targets, prompt or decoding disagree with training. Each block holds `finetuned` and `base` (WER with its 95 %
+interval `wer_ci`, CER, raw WER, error counts, medical-term WER and `term_categories`, utterances flagged as likely
+hallucinated, windows decoded, RTFx), `wer_reduction` with `wer_reduction_ci` (paired bootstrap: medasr.evidence),
+and the set's `kind` and `long_form`, so `dvc metrics diff` shows the gain per set. `summary` pools the test sets by
+kind: the medical gain and the general forgetting check, and the headline sentence. `runtime` records where and in
+what each model ran: both run on the accelerator when there is one, in the precision the model was trained in
+(medasr.json), and RTFx is measured there; the dtypes are observed during decoding, not assumed.
+`metrics/predictions.jsonl` has one row per utterance (recording, for a long-form set), model and set;
+`metrics/report.md` and the WER plot's rows are drawn from both (medasr.report). Decoding is batched and greedy
+with the training prompt, audio longer than eval.chunk_s in overlapping windows; WER is corpus-level on text
+normalised by medasr/scoring.py.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from medasr import StageError
+from medasr import StageError, report
+from medasr.clips import speaker_role
+from medasr.evidence import add_intervals, summary
 from medasr.export import model_precision
 from medasr.files import jsonl, read_jsonl, write_json_atomic, write_text_atomic
-from medasr.inference import observed_dtypes, transcribe
+from medasr.inference import observed_dtypes, transcribe_long
 from medasr.log import get_logger
 from medasr.params import EvalParams, LoraParams, ModelParams
 from medasr.paths import (
@@ -32,29 +39,36 @@ from medasr.paths import (
     MANIFEST_DIR,
     MODEL_DIR,
     PREDICTIONS,
+    REPORT,
     TESTSETS_DIR,
+    WER_PLOT,
     split_manifest,
     testset_manifest,
 )
-from medasr.scoring import score_utterances
+from medasr.scoring import hallucination_flags, score_utterances
+from medasr.terms import category_metrics
 
 log = get_logger(__name__)
 
 
-def evaluate(model: Any, name: str, rows: list[dict[str, Any]], base: Path, ev: EvalParams) -> tuple[dict, list[dict]]:
-    """Decode every row with `model` and score it; unreadable audio is counted, not fatal."""
+def evaluate(
+    model: Any, name: str, rows: list[dict[str, Any]], base: Path, ev: EvalParams, long_form: bool = False
+) -> tuple[dict, list[dict]]:
+    """Decode every row with `model` (audio longer than eval.chunk_s in windows) and score it; unreadable audio is
+    counted, not fatal."""
     readable = [row for row in rows if (base / row["audio_filepath"]).is_file()]
+    paths = [base / r["audio_filepath"] for r in readable]
     started = _clock(model)
-    hypotheses = transcribe(model, [base / r["audio_filepath"] for r in readable], ev.batch_size, ev.max_new_tokens)
+    done = transcribe_long(model, paths, ev.batch_size, ev.max_new_tokens, ev.chunk_s, ev.chunk_overlap_s)
     seconds = _clock(model) - started
-    references = [r["text"] for r in readable]
-    metrics, normalized, alignments = score_utterances(references, hypotheses)
+    hypotheses = [t.text for t in done]
+    metrics, normalized, alignments = score_utterances([r["text"] for r in readable], hypotheses)
     predictions = [
         {
             "id": row["id"],
             "model": name,
             "reference": row["text"],
-            "hypothesis": hyp,
+            "hypothesis": t.text,
             "reference_norm": ref_norm,
             "hypothesis_norm": hyp_norm,
             "duration": row["duration"],
@@ -64,8 +78,15 @@ def evaluate(model: Any, name: str, rows: list[dict[str, Any]], base: Path, ev: 
             "reference_words": a.reference_words,
             "medical_term_errors": a.medical_term_errors,
             "medical_terms": a.medical_terms,
+            "windows": t.windows,
+            "role": speaker_role(str(row["id"])),
+            "long_form": long_form,
+            "ref_terms": list(a.ref_terms),
+            "missed_terms": list(a.missed_terms),
+            "inserted_terms": list(a.inserted_terms),
+            "hallucination": hallucination_flags(hyp_norm, row["duration"]),
         }
-        for row, hyp, (ref_norm, hyp_norm), a in zip(readable, hypotheses, normalized, alignments, strict=True)
+        for row, t, (ref_norm, hyp_norm), a in zip(readable, done, normalized, alignments, strict=True)
     ]
     term_errors, term_total = sum(a.medical_term_errors for a in alignments), sum(a.medical_terms for a in alignments)
     audio_seconds = sum(r["duration"] for r in readable)
@@ -75,24 +96,33 @@ def evaluate(model: Any, name: str, rows: list[dict[str, Any]], base: Path, ev: 
         "skipped_audio": len(rows) - len(readable),
         "audio_seconds": round(audio_seconds, 3),
         "rtfx": round(audio_seconds / seconds, 2) if seconds > 0 else None,
+        "term_categories": category_metrics(alignments),
+        "hallucinated": sum(1 for p in predictions if p["hallucination"]),
+        "windows": sum(t.windows for t in done),
     }
     return metrics, predictions
 
 
 def compare(
-    models: dict[str, Any], audio_set: str, rows: list[dict[str, Any]], base: Path, ev: EvalParams
+    models: dict[str, Any],
+    audio_set: str,
+    rows: list[dict[str, Any]],
+    base: Path,
+    ev: EvalParams,
+    kind: str = "medical",
+    long_form: bool = False,
 ) -> tuple[dict, list[dict]]:
     """Both models on one manifest's rows (audio paths relative to `base`): their metrics side by side, the WER
-    gain, and the tagged predictions."""
-    block: dict[str, Any] = {}
+    gain with its paired-bootstrap interval, and the tagged predictions."""
+    block: dict[str, Any] = {"kind": kind, "long_form": long_form}
     predictions = []
     for name, model in models.items():
-        block[name], preds = evaluate(model, name, rows, base, ev)
+        block[name], preds = evaluate(model, name, rows, base, ev, long_form)
         predictions += [{**row, "set": audio_set} for row in preds]
         log.info("%s, %s: WER %s on %d utterances", audio_set, name, _pct(block[name]["wer"]), len(rows))
     wers = (block["base"]["wer"], block["finetuned"]["wer"])
     block["wer_reduction"] = None if None in wers else wers[0] - wers[1]
-    return block, predictions
+    return add_intervals(block, predictions, ev.bootstrap_resamples, ev.bootstrap_seed), predictions
 
 
 def run(
@@ -105,6 +135,8 @@ def run(
     model_dir: Path = MODEL_DIR,
     metrics_file: Path = EVAL_METRICS,
     predictions_file: Path = PREDICTIONS,
+    report_file: Path = REPORT,
+    plot_file: Path = WER_PLOT,
 ) -> dict[str, Any]:
     """`seed` is train.seed: the base model is the preset built with the seed training started from."""
     manifest = split_manifest("val", manifest_dir)
@@ -132,16 +164,24 @@ def run(
     with ExitStack() as hooks:
         runtime = {name: hooks.enter_context(observed_dtypes(model)) for name, model in models.items()}
         metrics["val"], predictions = compare(models, "val", val_rows, manifest.parent, ev)
-        for name, test_manifest in test_manifests.items():
-            metrics["test"][name], preds = compare(models, name, read_jsonl(test_manifest), test_manifest.parent, ev)
-            predictions += preds
+        test_rows = []
+        for ts in ev.test_sets:
+            where = test_manifests[ts.name]
+            metrics["test"][ts.name], preds = compare(
+                models, ts.name, read_jsonl(where), where.parent, ev, ts.kind, ts.long_form
+            )
+            test_rows += preds
+        predictions += test_rows
         if ev.train_sample:
             sample = pick_sample(read_jsonl(train_manifest), ev.train_sample)
             metrics["train_sample"], preds = compare(models, "train_sample", sample, train_manifest.parent, ev)
             predictions += preds
+    metrics["summary"] = summary(metrics["test"], test_rows, ev.bootstrap_resamples, ev.bootstrap_seed)
     metrics["runtime"] = {"precision": precision, **runtime}
     write_text_atomic(predictions_file, jsonl(predictions))
-    write_json_atomic(metrics_file, metrics)
+    write_text_atomic(report_file, report.render(metrics, predictions))
+    write_json_atomic(plot_file, report.plot_rows(metrics))
+    write_json_atomic(metrics_file, metrics)  # last: DVC's metric, whole or the previous one
     return metrics
 
 

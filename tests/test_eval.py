@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from helpers import run, tiny_params
@@ -30,6 +31,71 @@ def test_the_training_sample_is_fixed_and_does_not_follow_the_manifest_order():
     grown = eval_stage.pick_sample(rows(40) + rows(10, start=40), 8)
     assert len({r["id"] for r in grown} & {r["id"] for r in sample}) >= 4  # new rows only swap some in
     assert len(eval_stage.pick_sample(rows(3), 8)) == 3
+
+
+def test_a_set_block_holds_intervals_terms_flags_and_windows_and_its_rows_say_where_they_come_from(
+    tmp_path, monkeypatch
+):
+    """`compare` on a long-form set, the transcriber stood in for (each "model" a function of the file name): what
+    eval writes per set and per prediction row."""
+    from medasr.inference import Transcript
+
+    refs = {
+        "day1_consultation01_doctor": "the patient takes amoxicillin twice a day for the chest infection",
+        "day1_consultation01_patient": "it started three days ago",
+        "narration": "hello there",
+    }
+    hyps = {
+        "finetuned": {
+            "day1_consultation01_doctor": refs["day1_consultation01_doctor"].replace("amoxicillin", "amoxil")
+        },
+        "base": {"day1_consultation01_patient": "it started " + "aspirin " * 20, "narration": "hello"},
+    }
+
+    def transcribe_long(model, paths, batch_size, max_new_tokens, chunk_s, overlap_s):
+        assert (chunk_s, overlap_s) == (10.0, 3.0)  # the eval params' windows
+        return [Transcript(hyps[model.name].get(p.stem, refs[p.stem]), 1 + len(p.stem) // 20) for p in paths]
+
+    monkeypatch.setattr(eval_stage, "transcribe_long", transcribe_long)
+    (tmp_path / "audio").mkdir()
+    rows = [{"id": k, "audio_filepath": f"audio/{k}.flac", "duration": 1.0, "text": v} for k, v in refs.items()]
+    for r in rows:
+        (tmp_path / r["audio_filepath"]).write_bytes(b"")
+    ev = tiny_params(**{"eval.chunk_s": 10.0, "eval.chunk_overlap_s": 3.0}).eval
+    block, predictions = eval_stage.compare(
+        {name: SimpleNamespace(name=name, device=SimpleNamespace(type="cpu")) for name in hyps},
+        "consults",
+        rows,
+        tmp_path,
+        ev,
+        "medical",
+        long_form=True,
+    )
+
+    assert block["kind"] == "medical" and block["long_form"] is True
+    tuned, base = block["finetuned"], block["base"]
+    assert tuned["windows"] == base["windows"] == 2 + 2 + 1
+    assert base["hallucinated"] == 1 and tuned["hallucinated"] == 0  # 20 "aspirin" in 1 s: a loop, too long
+    assert tuned["term_categories"]["drugs"] == {
+        "terms": 1,
+        "term_error_rate": 1.0,
+        "term_recall": 0.0,
+        "insertions": 0,
+    }
+    assert base["term_categories"]["drugs"]["insertions"] == 20
+    for model in (tuned, base):
+        assert model["wer_ci"][0] <= model["wer"] <= model["wer_ci"][1]
+    lo, hi = block["wer_reduction_ci"]
+    assert lo <= block["wer_reduction"] <= hi and block["wer_reduction"] == pytest.approx(base["wer"] - tuned["wer"])
+
+    doctor = next(p for p in predictions if p["model"] == "finetuned" and p["id"] == "day1_consultation01_doctor")
+    assert doctor["set"] == "consults" and doctor["role"] == "doctor" and doctor["long_form"] is True
+    assert doctor["windows"] == 2 and doctor["hallucination"] == []
+    assert doctor["ref_terms"] == ["amoxicillin", "chest", "infection"]  # a drug, anatomy, a condition
+    assert doctor["missed_terms"] == ["amoxicillin"] and doctor["inserted_terms"] == []
+    looping = next(p for p in predictions if p["model"] == "base" and p["id"] == "day1_consultation01_patient")
+    assert looping["role"] == "patient" and set(looping["hallucination"]) == {"repeated_ngram", "too_long"}
+    assert next(p for p in predictions if p["id"] == "narration")["role"] is None
 
 
 def _manifests(tmp_path: Path, train: bool) -> Path:
@@ -102,16 +168,17 @@ def test_bf16_experiment_trains_and_evaluates_in_bf16_with_fp32_audio(tmp_path, 
     output = exp.stdout + exp.stderr
 
     # training: Lightning's bf16-true, so the exported weights are bf16 (int64 only for counters such as batch
-    # norm's); its audio stayed fp32: NeMo's preprocessor warns once per process when it gets anything else, and
-    # NeMo's warnings do reach this output
+    # norm's); its audio stayed fp32: NeMo's preprocessor warns once per process when it gets anything else
     trained = json.loads((clone / "metrics" / "train.json").read_text())
     assert trained["precision"] == "bf16" and trained["global_step"] == 4
     model_dir = clone / "models" / "canary-qwen-medical-lora"
     assert json.loads((model_dir / "medasr.json").read_text())["precision"] == "bf16"
     for weights in ("trained.safetensors", "model.safetensors"):
         assert safetensors_dtypes(model_dir / weights) - {"I64"} == {"BF16"}, weights
-    assert "[NeMo W" in output
-    assert "AudioPreprocessor received an input signal" not in output
+    # NeMo's warnings go to the stages' log files now, not the console: the warning must be absent from both
+    logs = "".join(f.read_text() for f in sorted((clone / "logs").glob("*.log")))
+    assert "WARNING nemo_logger:" in logs
+    assert "AudioPreprocessor received an input signal" not in output + logs
 
     # eval: both models placed in the recorded precision; the dtypes are what its hooks saw during decoding
     evaluated = json.loads((clone / "metrics" / "eval.json").read_text())

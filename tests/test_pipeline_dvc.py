@@ -133,7 +133,6 @@ def test_bad_params_stop_the_stage_with_every_problem_listed(repo):
 def test_make_demo_then_an_experiment_with_another_lora_rank(tmp_path, demo_run):
     clone, demo = demo_run.clone, demo_run.demo  # the session's `make demo` (conftest.py): read only here
     assert ran(demo.stdout) == set(STAGES), demo.stdout
-    assert "metrics/eval.json" in demo.stdout  # `dvc metrics show` table
 
     data = json.loads((clone / "metrics" / "data.json").read_text())
     assert data["rows_in"] == 48 and data["kept"]["train"] > 0 and data["kept"]["val"] > 0
@@ -155,9 +154,10 @@ def test_make_demo_then_an_experiment_with_another_lora_rank(tmp_path, demo_run)
     rows = [json.loads(line) for line in (clone / "metrics" / "predictions.jsonl").read_text().splitlines()]
     sets = {
         "val": (evaluated["val"], data["kept"]["val"]),
-        "demo_consultations": (evaluated["test"]["demo_consultations"], 11),
+        **{name: (block, held_out[name]["kept"]) for name, block in evaluated["test"].items()},
         "train_sample": (evaluated["train_sample"], data["kept"]["train"]),  # eval.train_sample=40: every clip
     }
+    assert list(evaluated["test"]) == ["demo_consultations", "demo_consultations_long", "demo_general"]
     for audio_set, (block, size) in sets.items():
         for name in ("finetuned", "base"):
             mine = [r for r in rows if r["model"] == name and r["set"] == audio_set]
@@ -165,7 +165,8 @@ def test_make_demo_then_an_experiment_with_another_lora_rank(tmp_path, demo_run)
             expected = jiwer.wer([r["reference_norm"] for r in mine], [r["hypothesis_norm"] for r in mine])
             assert block[name]["wer"] == pytest.approx(expected, abs=1e-12)
         assert block["wer_reduction"] == pytest.approx(block["base"]["wer"] - block["finetuned"]["wer"])
-    assert len(rows) == 2 * (data["kept"]["val"] + 11 + data["kept"]["train"])
+    assert len(rows) == 2 * sum(size for _, size in sets.values())
+    demo_evidence(clone, demo.stdout, evaluated, rows, tmp_path)
     # the fine-tune learns its training clips, decoded exactly as val is: targets, prompt and decoding agree. The base
     # (random) gets none of it. (Measured: 41.9 % WER, 23 of 37 clips word-perfect; the rest are other training
     # sentences of the same length, see the README's demo paragraph.)
@@ -205,3 +206,68 @@ def test_make_demo_then_an_experiment_with_another_lora_rank(tmp_path, demo_run)
     assert {"test.demo_consultations.finetuned.wer", "test.demo_consultations.base.wer"} <= diff[
         "metrics/eval.json"
     ].keys()
+    # the WER plot compares the two experiments: one panel per revision, both models' bars per set
+    plotted = json.loads(run(clone, "dvc", "plots", "diff", "HEAD", "--json").stdout)["data"]["metrics/wer_by_set.json"]
+    assert set(plotted[0]["revisions"]) == {"HEAD", "workspace"}
+
+
+def inside(value: float, interval: list[float]) -> bool:
+    """A percentile interval holds the corpus figure it was resampled from (to rounding)."""
+    return interval[0] - 1e-9 <= value <= interval[1] + 1e-9
+
+
+def demo_evidence(clone: Path, stdout: str, evaluated: dict, rows: list[dict], tmp_path: Path) -> None:
+    """What `make demo` shows beyond WER: intervals, the pooled summary, terms by category, long-form windows,
+    metrics/report.md, the plots, and the headline table it ends with."""
+    from medasr.report import headline_table
+    from medasr.terms import CATEGORIES
+
+    blocks = {"val": evaluated["val"], **evaluated["test"], "train_sample": evaluated["train_sample"]}
+    for name, block in blocks.items():
+        assert block["kind"] == ("general" if name == "demo_general" else "medical"), name
+        assert block["long_form"] == (name == "demo_consultations_long"), name
+        assert inside(block["wer_reduction"], block["wer_reduction_ci"]), name
+        for model in ("finetuned", "base"):
+            entry = block[model]
+            assert inside(entry["wer"], entry["wer_ci"]), (name, model)
+            assert set(entry["term_categories"]) == set(CATEGORIES) and entry["hallucinated"] >= 0
+            mine = [r for r in rows if r["set"] == name and r["model"] == model]
+            assert entry["windows"] == sum(r["windows"] for r in mine) >= len(mine)
+    # long-form: each ~20 s channel decoded in 10 s windows (eval.chunk_s=10), its speaker role known
+    long_rows = [r for r in rows if r["set"] == "demo_consultations_long"]
+    assert long_rows and all(r["windows"] > 1 and r["long_form"] for r in long_rows)
+    assert {r["role"] for r in long_rows} == {"doctor", "patient"}
+    assert all(r["windows"] == 1 for r in rows if r["duration"] <= 10.0)  # up to eval.chunk_s: decoded whole
+
+    summary = evaluated["summary"]
+    assert summary["medical"]["sets"] == ["demo_consultations", "demo_consultations_long"]
+    assert summary["general"]["sets"] == ["demo_general"]
+    tests = evaluated["test"]
+    assert summary["medical"]["utterances"] == sum(
+        tests[n]["finetuned"]["utterances"] for n in summary["medical"]["sets"]
+    )
+    assert summary["general"]["wer_change"] == pytest.approx(
+        tests["demo_general"]["finetuned"]["wer"] - tests["demo_general"]["base"]["wer"]
+    )
+    assert isinstance(summary["headline"], str) and summary["headline"].startswith("Medical WER (2 test sets")
+
+    report = (clone / "metrics" / "report.md").read_text()
+    for section in ("## WER per set", "## Medical terms by category", "## Most-missed terms", "## WER per speaker role",
+                    "## The 10 worst utterances"):  # fmt: skip
+        assert section in report, section
+    assert summary["headline"][:40] in report
+
+    # `dvc plots show` renders the WER per set (both models, every set) and the training curves
+    shown = json.loads(run(clone, "dvc", "plots", "show", "--json").stdout)
+    assert "errors" not in shown, shown
+    wer_plot = shown["data"]["metrics/wer_by_set.json"][0]["content"]
+    assert {(v["set"], v["model"]) for v in wer_plot["data"]["values"]} == {
+        (name, model) for name in blocks for model in ("base", "finetuned")
+    }
+    assert any(path.startswith("metrics/train_curves/") for path in shown["data"])
+    html = run(clone, "dvc", "plots", "show", "-o", str(tmp_path / "plots"))
+    assert (tmp_path / "plots" / "index.html").is_file(), html.stdout
+
+    # the demo ends with the headline table, readable in 100 columns
+    table = headline_table(evaluated)
+    assert stdout.rstrip().endswith(table) and max(len(line) for line in table.splitlines()) <= 100
