@@ -15,6 +15,10 @@ from medasr.stats import PairedIntervals, paired_bootstrap
 
 MODELS = ("finetuned", "base")
 KINDS = ("medical", "general")
+# Below this many units a 95 % percentile-bootstrap interval holds the truth far less often than 95 % (simulated with
+# two equal models: 84 % of intervals held zero at 5 units, 88 % at 10, 91 % at 30, 96 % at 200), so no verdict is
+# drawn from it: the interval is still reported, `excludes_zero` is None and the report says the set is too small.
+MIN_UNITS = 20
 
 
 def errors(row: dict[str, Any]) -> int:
@@ -44,8 +48,12 @@ def add_intervals(block: dict[str, Any], rows: Sequence[dict[str, Any]], resampl
     return block
 
 
-def excludes_zero(interval: Sequence[float] | None) -> bool:
-    return interval is not None and (interval[0] > 0 or interval[1] < 0)
+def excludes_zero(interval: Sequence[float] | None, units: int) -> bool | None:
+    """Whether the interval excludes zero; None (no verdict) without an interval or from fewer than MIN_UNITS units
+    with reference words."""
+    if interval is None or units < MIN_UNITS:
+        return None
+    return interval[0] > 0 or interval[1] < 0
 
 
 def summary(tests: dict[str, dict[str, Any]], rows: Sequence[dict[str, Any]], resamples: int, seed: int) -> dict:
@@ -83,7 +91,7 @@ def pooled(
         entry |= {"wer_change": None if reduction is None else -reduction, "wer_change_ci": interval}
     else:
         entry |= {"wer_reduction": reduction, "wer_reduction_ci": interval}
-    return entry | {"excludes_zero": excludes_zero(interval)}
+    return entry | {"excludes_zero": excludes_zero(interval, sum(1 for w in words if w))}
 
 
 def headline(medical: dict[str, Any] | None, general: dict[str, Any] | None) -> str:
@@ -92,7 +100,9 @@ def headline(medical: dict[str, Any] | None, general: dict[str, Any] | None) -> 
         gain = "Medical WER: no medical test set was scored, so there is no evidence of a gain"
     else:
         verdict = (
-            ("a real gain" if medical["wer_reduction"] > 0 else "a real loss") + ", the interval excludes zero"
+            _too_few(medical)
+            if medical["excludes_zero"] is None
+            else ("a real gain" if medical["wer_reduction"] > 0 else "a real loss") + ", the interval excludes zero"
             if medical["excludes_zero"]
             else "not distinguishable from no change, the interval includes zero"
         )
@@ -105,7 +115,10 @@ def headline(medical: dict[str, Any] | None, general: dict[str, Any] | None) -> 
         forgetting = "general speech: no general set was scored, so forgetting is unchecked"
     else:
         verdict = (
-            ("forgetting" if general["wer_change"] > 0 else "general speech improved") + ", the interval excludes zero"
+            _too_few(general)
+            if general["excludes_zero"] is None
+            else ("forgetting" if general["wer_change"] > 0 else "general speech improved")
+            + ", the interval excludes zero"
             if general["excludes_zero"]
             else "no measurable forgetting, the interval includes zero"
         )
@@ -115,6 +128,10 @@ def headline(medical: dict[str, Any] | None, general: dict[str, Any] | None) -> 
             f"{_points(general['wer_change'], general['wer_change_ci'])}: {verdict}"
         )
     return f"{gain}; {forgetting}."
+
+
+def _too_few(pooled: dict[str, Any]) -> str:
+    return f"too few units to tell from noise (a verdict needs {MIN_UNITS})"
 
 
 def _pair(interval: tuple[float, float]) -> list[float]:

@@ -14,14 +14,12 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from medasr.evidence import KINDS, MODELS, errors, excludes_zero
+from medasr.evidence import KINDS, MIN_UNITS, MODELS, errors, excludes_zero
+from medasr.scoring import word_diff
 
 WIDTH = 100  # the headline table fits a terminal this wide
 WORST = 10  # utterances shown with their aligned diff
 TOP_TERMS = 10
-# an aligned diff shows at most this many words; runs of correct words longer than KEEP_RUN are cut to their ends
-DIFF_WORDS = 150
-KEEP_RUN = 12
 
 
 def set_blocks(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -65,7 +63,7 @@ def headline_table(metrics: dict[str, Any]) -> str:
     cells = [
         (name if len(name) <= 26 else name[:23] + "...", block.get("kind", ""), str(tuned["utterances"]),
          _pct(base["wer"]), _pct(tuned["wer"]),
-         _reduction(_difference(base["wer"], tuned["wer"]), block.get("wer_reduction_ci")))
+         _reduction(_difference(base["wer"], tuned["wer"]), block.get("wer_reduction_ci"), _units(block)))
         for name, block in table_rows(metrics)
         for base, tuned in [(block["base"], block["finetuned"])]
     ]  # fmt: skip
@@ -78,7 +76,8 @@ def headline_table(metrics: dict[str, Any]) -> str:
     out = [line(header), line(["-" * w for w in widths]), *(line(c) for c in cells), ""]
     out += textwrap.wrap(
         "reduction = base WER - fine-tuned WER in percentage points (positive: the fine-tune is better); "
-        "* = its 95% interval excludes zero (a change beyond the sets' sampling noise).",
+        "* = its 95% interval excludes zero (a change beyond the sets' sampling noise); ? = fewer than "
+        f"{MIN_UNITS} units, too few to judge.",
         WIDTH,
     )
     if summary.get("headline"):
@@ -122,8 +121,8 @@ def _sets_section(metrics: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {_esc(name)} | {block.get('kind', '')} | {_YES_NO.get(block.get('long_form'), '')} "
             f"| {tuned['utterances']} | {_pct(base['wer'], base.get('wer_ci'))} "
-            f"| {_pct(tuned['wer'], tuned.get('wer_ci'))} | {_reduction(reduction, ci)} "
-            f"| {_verdict(reduction, ci)} |"
+            f"| {_pct(tuned['wer'], tuned.get('wer_ci'))} | {_reduction(reduction, ci, _units(block))} "
+            f"| {_verdict(reduction, ci, _units(block))} |"
         )
     lines += [
         "",
@@ -229,36 +228,6 @@ def _worst_section(rows: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def word_diff(reference_norm: str, hypothesis_norm: str) -> str:
-    """The reference with the hypothesis's differences inline (jiwer's alignment): `[a->b]` substituted,
-    `[-a]` deleted, `[+b]` inserted; correct runs longer than KEEP_RUN keep their ends; at most DIFF_WORDS words."""
-    ref, hyp = reference_norm.split(), (hypothesis_norm or "").split()
-    if not ref:
-        tokens = [f"[+{w}]" for w in hyp]
-    else:
-        import jiwer
-
-        tokens = []
-        for chunk in jiwer.process_words(reference_norm, hypothesis_norm or "").alignments[0]:
-            r, h = ref[chunk.ref_start_idx : chunk.ref_end_idx], hyp[chunk.hyp_start_idx : chunk.hyp_end_idx]
-            if chunk.type == "equal":
-                tokens += _shorten(r)
-            elif chunk.type == "substitute":
-                tokens += [f"[{a}->{b}]" for a, b in zip(r, h, strict=True)]
-            elif chunk.type == "delete":
-                tokens += [f"[-{a}]" for a in r]
-            else:
-                tokens += [f"[+{b}]" for b in h]
-    if len(tokens) > DIFF_WORDS:
-        tokens = [*tokens[:DIFF_WORDS], f"... ({len(tokens) - DIFF_WORDS} more)"]
-    return " ".join(tokens)
-
-
-def _shorten(words: list[str]) -> list[str]:
-    half = KEEP_RUN // 2
-    return words if len(words) <= KEEP_RUN else [*words[:half], "...", *words[-half:]]
-
-
 def _held_out(metrics: dict[str, Any], predictions: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows of audio training never saw: the test sets', or val's when there are none."""
     names = set(metrics.get("test", {})) or {"val"}
@@ -291,16 +260,24 @@ def _ci(interval: Sequence[float] | None, points: bool = False) -> str:
     return f"[{lo}, {hi}]"
 
 
-def _reduction(value: float | None, interval: Sequence[float] | None) -> str:
+def _units(block: dict[str, Any]) -> int:
+    """Units with reference words: what the bootstrap resampled."""
+    return block["finetuned"]["utterances"] - block["finetuned"].get("empty_references", 0)
+
+
+def _reduction(value: float | None, interval: Sequence[float] | None, units: int) -> str:
     if value is None:
         return "n/a"
-    return f"{100 * value:+.1f} {_ci(interval, points=True)}{' *' if excludes_zero(interval) else ''}"
+    mark = {True: " *", False: "", None: " ?" if interval else ""}[excludes_zero(interval, units)]
+    return f"{100 * value:+.1f} {_ci(interval, points=True)}{mark}"
 
 
-def _verdict(value: float | None, interval: Sequence[float] | None) -> str:
+def _verdict(value: float | None, interval: Sequence[float] | None, units: int) -> str:
     if value is None or interval is None:
         return "nothing to score"
-    if not excludes_zero(interval):
+    if excludes_zero(interval, units) is None:
+        return f"too few units to judge (a verdict needs {MIN_UNITS})"
+    if not excludes_zero(interval, units):
         return "includes zero: no change beyond noise"
     return "excludes zero: " + ("fine-tuned lower" if interval[0] > 0 else "fine-tuned higher")
 

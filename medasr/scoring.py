@@ -216,3 +216,38 @@ def _has_loop(words: list[str]) -> bool:
                 if run >= n * (repeats - 1):
                     return True
     return False
+
+
+# an aligned diff shows at most this many words; runs of correct words longer than KEEP_RUN are cut to their ends
+DIFF_WORDS = 150
+KEEP_RUN = 12
+
+
+def word_diff(reference_norm: str, hypothesis_norm: str) -> str:
+    """The reference with the hypothesis's differences inline (jiwer's alignment): `[a->b]` substituted,
+    `[-a]` deleted, `[+b]` inserted; correct runs longer than KEEP_RUN keep their ends; at most DIFF_WORDS words."""
+    ref, hyp = reference_norm.split(), (hypothesis_norm or "").split()
+    if not ref:
+        tokens = [f"[+{w}]" for w in hyp]
+    else:
+        import jiwer
+
+        tokens = []
+        for chunk in jiwer.process_words(reference_norm, hypothesis_norm or "").alignments[0]:
+            r, h = ref[chunk.ref_start_idx : chunk.ref_end_idx], hyp[chunk.hyp_start_idx : chunk.hyp_end_idx]
+            if chunk.type == "equal":
+                tokens += _shorten(r)
+            elif chunk.type == "substitute":
+                tokens += [f"[{a}->{b}]" for a, b in zip(r, h, strict=True)]
+            elif chunk.type == "delete":
+                tokens += [f"[-{a}]" for a in r]
+            else:
+                tokens += [f"[+{b}]" for b in h]
+    if len(tokens) > DIFF_WORDS:
+        tokens = [*tokens[:DIFF_WORDS], f"... ({len(tokens) - DIFF_WORDS} more)"]
+    return " ".join(tokens)
+
+
+def _shorten(words: list[str]) -> list[str]:
+    half = KEEP_RUN // 2
+    return words if len(words) <= KEEP_RUN else [*words[:half], "...", *words[-half:]]

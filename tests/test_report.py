@@ -9,6 +9,7 @@ import re
 import pytest
 
 from medasr import evidence, report
+from medasr.scoring import DIFF_WORDS, word_diff
 
 
 def row(set_: str, id_: str, model: str, errors: int, words: int, **extra) -> dict:
@@ -46,14 +47,27 @@ def test_intervals_bracket_the_wer_and_a_clear_gain_excludes_zero():
     assert b["base"]["wer"] == pytest.approx(0.3) and b["finetuned"]["wer"] == pytest.approx(0.1)
     # every unit has the same errors: no spread at all
     assert b["base"]["wer_ci"] == pytest.approx([0.3, 0.3]) and b["wer_reduction_ci"] == pytest.approx([0.2, 0.2])
-    assert evidence.excludes_zero(b["wer_reduction_ci"])
+    assert evidence.excludes_zero(b["wer_reduction_ci"], 40)
 
     # a gain on half the units and a loss on the other half: the interval spans zero
     mixed = [r for i in range(40) for r in pair("a", f"u{i:02d}", *((3, 1) if i % 2 else (1, 3)), words=10)]
     b = block("medical", mixed)
     lo, hi = b["wer_reduction_ci"]
-    assert lo < 0 < hi and not evidence.excludes_zero([lo, hi])
+    assert lo < 0 < hi and evidence.excludes_zero([lo, hi], 40) is False
     assert b["finetuned"]["wer_ci"][0] <= b["finetuned"]["wer"] <= b["finetuned"]["wer_ci"][1]
+
+
+def test_too_few_units_give_an_interval_but_no_verdict():
+    # 5 recordings all better: the interval excludes zero, but a percentile bootstrap over 5 units holds the truth
+    # far less often than 95 %, so neither eval.json's summary nor the report claims anything from it
+    norm = {"reference_norm": "a b", "hypothesis_norm": "a c"}
+    rows = [r for i in range(5) for r in pair("long", f"rec{i}", base=30, tuned=10 + i, words=100, **norm)]
+    b = block("medical", rows)
+    assert b["wer_reduction_ci"][0] > 0 and evidence.excludes_zero(b["wer_reduction_ci"], 5) is None
+    s = evidence.summary({"long": b}, rows, 1000, 0)
+    assert s["medical"]["excludes_zero"] is None and "too few units to tell from noise" in s["headline"]
+    assert "?" in report.headline_table({"test": {"long": b}, "summary": s}).splitlines()[2]
+    assert "too few units to judge" in report.render({"test": {"long": b}, "summary": s}, rows)
 
 
 def test_nothing_to_score_gives_no_interval_and_mismatched_rows_are_refused():
@@ -139,7 +153,7 @@ def test_the_headline_table_fits_100_columns_and_has_every_set_and_the_pooled_ro
     assert re.search(r"^medical \(pooled\)\s+medical\s+3\s+\d+\.\d%\s+\d+\.\d%\s+\+\d+\.\d \[", table, re.M)
     assert "general (pooled)" in table and metrics["summary"]["headline"][:60] in table.replace("\n", " ")
     # the val row: 50 % -> 10 %, one unit: no spread, yet a real change
-    assert re.search(r"^val\s+medical\s+1\s+50\.0%\s+10\.0%\s+\+40\.0 \[\+40\.0, \+40\.0\] \*$", table, re.M)
+    assert re.search(r"^val\s+medical\s+1\s+50\.0%\s+10\.0%\s+\+40\.0 \[\+40\.0, \+40\.0\] \?$", table, re.M)
     assert "escape" not in table and "\x1b" not in table  # plain text, no terminal markup
 
 
@@ -164,8 +178,10 @@ def test_the_report_has_every_section_with_the_worst_utterances_diffed():
         assert f"\n{heading}\n" in f"\n{md}", heading
     assert f"**{metrics['summary']['headline'][:20]}" in md
     # per set: both WERs with intervals, the reduction, and what its interval says, in words
-    assert "| val | medical | no | 1 | 50.0% [50.0, 50.0] | 10.0% [10.0, 10.0] | +40.0 [+40.0, +40.0] * " in md
-    assert "| excludes zero: fine-tuned lower |" in md and "| includes zero: no change beyond noise |" in md
+    val_row = "| val | medical | no | 1 | 50.0% [50.0, 50.0] | 10.0% [10.0, 10.0] | +40.0 [+40.0, +40.0] ? |"
+    assert f"{val_row} too few units to judge" in md
+    assert report._verdict(0.2, [0.1, 0.3], 40) == "excludes zero: fine-tuned lower"  # from 20 units on
+    assert report._verdict(0.0, [-0.1, 0.1], 40) == "includes zero: no change beyond noise"
     assert "| demo\\_consultations\\_long | medical | yes | 3 |" in md
     # roles: errors over words per role, base / fine-tuned
     assert "| demo\\_consultations\\_long | doctor | 1 | 22.5% | 10.0% |" in md
@@ -185,15 +201,15 @@ def test_the_report_has_every_section_with_the_worst_utterances_diffed():
 
 
 def test_word_diff_marks_each_edit_and_shortens_long_correct_runs():
-    diff = report.word_diff("the patient takes amoxicillin twice a day", "patient takes amoxycillin twice a day now")
+    diff = word_diff("the patient takes amoxicillin twice a day", "patient takes amoxycillin twice a day now")
     assert diff == "[-the] patient takes [amoxicillin->amoxycillin] twice a day [+now]"
-    assert report.word_diff("", "oh hello") == "[+oh] [+hello]"
+    assert word_diff("", "oh hello") == "[+oh] [+hello]"
     long_ref = " ".join(f"w{i}" for i in range(40))
-    diff = report.word_diff(long_ref, long_ref.replace("w20", "x"))
+    diff = word_diff(long_ref, long_ref.replace("w20", "x"))
     kept = "w0 w1 w2 w3 w4 w5 ... w14 w15 w16 w17 w18 w19 [w20->x] w21 w22 w23 w24 w25 w26 ... w34 w35 w36 w37 w38 w39"
     assert diff == kept
-    many = report.word_diff(" ".join(["a"] * 400), " ".join(["b"] * 400))
-    assert many.endswith("... (250 more)") and len(many.split()) == report.DIFF_WORDS + 3
+    many = word_diff(" ".join(["a"] * 400), " ".join(["b"] * 400))
+    assert many.endswith("... (250 more)") and len(many.split()) == DIFF_WORDS + 3
 
 
 def test_plot_rows_hold_both_models_per_set():
