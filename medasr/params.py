@@ -233,6 +233,9 @@ class EvalParams(_Block):
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"test set names must be unique; repeated: {', '.join(repeated)}")
+        reserved = sorted(set(names) & {"val", "train_sample"})  # eval's own sets, beside them in every output
+        if reserved:
+            raise ValueError(f"test set names {', '.join(reserved)} are taken by eval's own sets: rename them")
         return test_sets
 
     @field_validator("chunk_overlap_s")

@@ -61,6 +61,24 @@ def test_cross_field_problems_are_reported_beside_field_problems(committed_param
     assert "subset.max_duration: min_duration (20.0) is greater than max_duration (10.0)" in problems
 
 
+@pytest.mark.parametrize(
+    ("evaluation", "problem"),
+    [
+        ({"chunk_s": 45.0}, "eval.chunk_s: Input should be less than or equal to 40"),  # over the model's limit
+        ({"chunk_s": 10.0, "chunk_overlap_s": 10.0}, "eval.chunk_overlap_s: chunk_overlap_s (10.0) must be below"),
+        ({"bootstrap_resamples": 200}, "eval.bootstrap_resamples: Input should be greater than or equal to 1000"),
+        ({"test_sets": [{"name": "val", "dataset": "x/y"}]}, "eval.test_sets: test set names val are taken"),
+        ({"test_sets": [{"name": "a", "dataset": "x/y", "kind": "news"}]}, "eval.test_sets.0.kind:"),
+    ],
+)
+def test_long_form_and_evidence_settings_are_checked_before_anything_runs(committed_params, evaluation, problem):
+    data = copy.deepcopy(committed_params)
+    data["eval"].update(evaluation)
+    with pytest.raises(ParamsError) as info:
+        parse_params(data)
+    assert any(line.startswith(problem) for line in info.value.problems), info.value.problems
+
+
 def test_nothing_to_keep_is_an_error(committed_params):
     data = copy.deepcopy(committed_params)
     data["subset"].update(train_size=0, val_size=0)
