@@ -56,15 +56,28 @@ def excludes_zero(interval: Sequence[float] | None, units: int) -> bool | None:
     return interval[0] > 0 or interval[1] < 0
 
 
+SOURCE_KEYS = ("dataset", "config", "split", "revision")  # what a test set read: the same four, the same audio
+
+
 def summary(tests: dict[str, dict[str, Any]], rows: Sequence[dict[str, Any]], resamples: int, seed: int) -> dict:
     """`summary`: the test sets pooled by kind (never val or the training sample: pass only test sets' blocks and
-    rows), each with its interval, and the headline sentence."""
+    rows, in eval.test_sets' order), each with its interval. A source scored twice (by utterance and long-form)
+    is pooled once, as the first set that reads it: the others are named in `left_out`, not counted twice."""
     out: dict[str, Any] = {}
     for kind in KINDS:
         names = [name for name, block in tests.items() if block["kind"] == kind]
-        pooled_rows = [r for r in rows if r["set"] in names]
-        out[kind] = pooled(names, pooled_rows, resamples, seed, change=kind == "general") if names else None
-    out["headline"] = headline(out["medical"], out["general"])
+        first: dict[tuple, str] = {}
+        left_out = {}
+        for name in names:
+            source = tuple(tests[name].get(k) for k in SOURCE_KEYS) if "dataset" in tests[name] else (name,)
+            if source in first:
+                left_out[name] = f"same source as {first[source]}"
+            else:
+                first[source] = name
+        kept = list(first.values())
+        pooled_rows = [r for r in rows if r["set"] in kept]
+        entry = pooled(kept, pooled_rows, resamples, seed, change=kind == "general") if names else None
+        out[kind] = None if entry is None else entry | {"left_out": left_out}
     return out
 
 
@@ -94,8 +107,11 @@ def pooled(
     return entry | {"excludes_zero": excludes_zero(interval, sum(1 for w in words if w))}
 
 
-def headline(medical: dict[str, Any] | None, general: dict[str, Any] | None) -> str:
-    """One sentence: the medical gain and the forgetting check, each with its interval and what it says."""
+def headline(summary: dict[str, Any]) -> str:
+    """One sentence from eval.json's `summary`: the medical gain and the forgetting check, each with its interval and
+    what it says. Rendered where people read it (report.md, the terminal), never stored: a long string in a DVC
+    metric makes `dvc metrics show` and `dvc exp show` unreadable."""
+    medical, general = summary.get("medical"), summary.get("general")
     if medical is None or medical["wer_reduction"] is None:
         gain = "Medical WER: no medical test set was scored, so there is no evidence of a gain"
     else:

@@ -15,7 +15,7 @@ from medasr.device import Precision, resolve_precision
 from medasr.log import get_logger
 from medasr.model import PROMPT, load_released, load_salm, merge_released_lora, trained_state
 from medasr.params import LoraParams
-from medasr.paths import EVAL_METRICS, MEDASR_META, MODEL_DIR, TRAINED_WEIGHTS
+from medasr.paths import EVAL_METRICS, MEDASR_META, TRAINED_WEIGHTS
 from medasr.release import LLM_BACKBONE_DIR, WEIGHTS
 from medasr.secrets import REDACTED, one_line
 
@@ -106,9 +106,11 @@ def card_metadata(meta: dict[str, Any], results: dict[str, Any] | None) -> str:
         EvalResult(
             task_type="automatic-speech-recognition",
             task_name="Automatic Speech Recognition",
-            dataset_type=name,
+            dataset_type=block["dataset"] if block.get("hub") else name,  # the hub's id; a local path means nothing
             dataset_name=name,
-            dataset_split="test",
+            dataset_config=block.get("config"),
+            dataset_split=block.get("split"),
+            dataset_revision=block.get("revision") if block.get("hub") else None,
             metric_type="wer",
             metric_name="WER (%)",
             metric_value=round(100 * block["finetuned"]["wer"], 2),
@@ -158,12 +160,25 @@ def results_table(results: dict[str, Any] | None) -> list[str]:
     return [*lines, ""]
 
 
+def model_identity(folder: Path) -> dict[str, Any]:
+    """Which trained model a folder holds (medasr.json's train fingerprint and exported step): eval records it in
+    eval.json's `runtime.model`, and export puts eval's results on a card only when they match."""
+    meta = read_meta(folder)
+    return {"fingerprint": meta.get("fingerprint"), "step": meta.get("step")}
+
+
 def eval_results(model_dir: Path, metrics: Path = EVAL_METRICS) -> dict[str, Any] | None:
-    """metrics/eval.json when it scores `model_dir`: eval scores the pipeline's own model folder (MODEL_DIR) only,
-    so the card of any other folder carries no results rather than another model's."""
-    if not metrics.is_file() or Path(model_dir).resolve() != MODEL_DIR.resolve():
+    """metrics/eval.json when it scored the model in `model_dir`; otherwise (another model, or an eval.json from
+    before eval recorded which model it scored) None, with a warning: the card carries no results rather than
+    another model's."""
+    if not metrics.is_file():
         return None
-    return json.loads(metrics.read_text())
+    results = json.loads(metrics.read_text())
+    scored, exported = results.get("runtime", {}).get("model"), model_identity(model_dir)
+    if scored != exported:
+        log.warning("%s scored model %s, not %s's %s: the card has no results", metrics, scored, model_dir, exported)
+        return None
+    return results
 
 
 def export_merged(src: Path, out: Path, results: dict[str, Any] | None = None) -> None:

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import soundfile as sf
-
 from medasr.audio import TARGET_SAMPLE_RATE as SAMPLE_RATE
 from medasr.audio import decode, to_model_input
 
@@ -31,13 +29,6 @@ def load_audio(path: Path) -> Any:
     import torch
 
     return torch.from_numpy(to_model_input(decode(Path(path).read_bytes())))
-
-
-def _length(path: Path) -> float:
-    try:
-        return float(sf.info(str(path)).duration)  # header only
-    except (sf.LibsndfileError, RuntimeError, OSError):
-        return 0.0  # unreadable: load_audio raises the real error when its batch is loaded
 
 
 def load_batch(pieces: list[Path | Any]) -> tuple[Any, Any]:
@@ -176,18 +167,16 @@ def transcribe_long(
 ) -> list[Transcript]:
     """Greedy transcripts of files of any length, in input order.
 
-    A file up to `chunk_s` seconds is decoded whole; a longer one is read, cut at silences into overlapping windows
-    (`medasr.longform.plan_windows`) held in memory, and its windows' transcripts merged. Files are taken in groups
-    of about an hour of audio (what a group's windows hold in memory); within a group, short files and windows
-    decode together in `plan_batches`' batches (`batch_tokens`: a budget of LLM positions per batch, each piece
-    costing its audio frames + prompt + `max_new_tokens`), the next batch read in a thread while the model decodes
-    the current one."""
-    from medasr.longform import merge_transcripts
-    from medasr.params import MODEL_MAX_AUDIO_SECONDS
+    A file up to `chunk_s` seconds is decoded whole; a longer one is read and cut into the overlapping windows of its
+    plan (`medasr.longform.window_plans`: at silences, computed once per process), held in memory, and its windows'
+    transcripts merged at the seams the plan describes. Files are taken in groups of about an hour of audio (what a
+    group's windows hold in memory); within a group, short files and windows decode together in `plan_batches`'
+    batches (`batch_tokens`: a budget of LLM positions per batch, each piece costing its audio frames + prompt +
+    `max_new_tokens`), the next batch read in a thread while the model decodes the current one."""
+    from medasr.longform import merge_transcripts, window_plans
 
-    if not (0 < chunk_s <= MODEL_MAX_AUDIO_SECONDS and 0 <= overlap_s < chunk_s):
-        raise ValueError(f"need 0 < chunk_s <= {MODEL_MAX_AUDIO_SECONDS:g} and 0 <= overlap_s < chunk_s")
-    lengths = [_length(p) for p in paths]
+    plans = window_plans(paths, chunk_s, overlap_s)  # refuses a bad chunk_s / overlap_s
+    lengths = [plan.windows[-1][1] for plan in plans]
     texts: list[list[str]] = [[] for _ in paths]
     was_training = model.training
     model.eval()
@@ -195,7 +184,7 @@ def transcribe_long(
         for group in _groups(lengths, GROUP_SECONDS):
             owners, pieces = [], []
             for i in group:
-                for piece in _pieces(paths[i], lengths[i], chunk_s, overlap_s):
+                for piece in _pieces(paths[i], plans[i].windows, chunk_s):
                     owners.append(i)
                     pieces.append(piece)
             decoded = _decode(model, pieces, batch_size, max_new_tokens, min_new_tokens, batch_tokens)
@@ -204,7 +193,10 @@ def transcribe_long(
     finally:
         model.train(was_training)
     # a file decoded whole keeps its text exactly as decoded
-    return [Transcript(merge_transcripts(t) if len(t) > 1 else t[0], len(t)) for t in texts]
+    return [
+        Transcript(merge_transcripts(t, plan.seams) if len(t) > 1 else t[0], len(t))
+        for t, plan in zip(texts, plans, strict=True)
+    ]
 
 
 # Audio per group of files (~230 MB as float32 at 16 kHz): bounds what long recordings' windows hold in memory.
@@ -224,16 +216,13 @@ def _groups(lengths: list[float], budget: float) -> list[list[int]]:
     return groups
 
 
-def _pieces(path: Path, seconds: float, chunk_s: float, overlap_s: float) -> list[tuple[Path | Any, float]]:
-    """What to decode for one file, with its seconds: the file itself when it fits in `chunk_s` (read in the batch
-    reader), else its windows in time order (16 kHz mono float32 tensors, views of the file's audio)."""
-    from medasr.longform import plan_windows, speech_regions
-
-    if seconds <= chunk_s:  # also an unreadable file (0 s): load_audio raises its real error in its batch
-        return [(path, seconds)]
+def _pieces(path: Path, windows: tuple[tuple[float, float], ...], chunk_s: float) -> list[tuple[Path | Any, float]]:
+    """What to decode for one file, with its seconds: the file itself when its plan is one window (read in the batch
+    reader; an unreadable file's load raises its real error there), else its windows in time order (16 kHz mono
+    float32 tensors, views of the file's audio)."""
+    if len(windows) == 1:
+        return [(path, windows[0][1])]
     audio = load_audio(path)
-    duration = len(audio) / SAMPLE_RATE
-    windows = plan_windows(duration, speech_regions(audio.numpy()), chunk_s, overlap_s)
     most = math.floor(chunk_s * SAMPLE_RATE)  # seconds as floats can round a window one sample over the chunk
     bounds = [(round(start * SAMPLE_RATE), round(end * SAMPLE_RATE)) for start, end in windows]
     slices = [audio[start : min(end, start + most)] for start, end in bounds]

@@ -14,11 +14,12 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from medasr.evidence import KINDS, MIN_UNITS, MODELS, errors, excludes_zero
+from medasr.evidence import KINDS, MIN_UNITS, MODELS, errors, excludes_zero, headline
 from medasr.scoring import word_diff
 
 WIDTH = 100  # the headline table fits a terminal this wide
 WORST = 10  # utterances shown with their aligned diff
+WORST_MIN_WORDS = 5  # below this a single error is a WER of 20 % or more: no fair ranking by WER
 TOP_TERMS = 10
 
 
@@ -80,8 +81,8 @@ def headline_table(metrics: dict[str, Any]) -> str:
         f"{MIN_UNITS} units, too few to judge.",
         WIDTH,
     )
-    if summary.get("headline"):
-        out += ["", *textwrap.wrap(summary["headline"], WIDTH)]
+    if summary:
+        out += ["", *textwrap.wrap(headline(summary), WIDTH)]
     return "\n".join(out)
 
 
@@ -93,8 +94,8 @@ def render(metrics: dict[str, Any], predictions: Sequence[dict[str, Any]]) -> st
     summary = metrics.get("summary") or {}
     held_out = _held_out(metrics, predictions)
     parts = ["# Evaluation report", ""]
-    if summary.get("headline"):
-        parts += [f"**{_esc(summary['headline'])}**", ""]
+    if summary:
+        parts += [f"**{_esc(headline(summary))}**", ""]
     parts += _sets_section(metrics) + _terms_section(metrics)
     parts += _term_counts_section(held_out) + _roles_section(predictions) + _worst_section(held_out)
     return "\n".join(parts).rstrip() + "\n"
@@ -124,6 +125,9 @@ def _sets_section(metrics: dict[str, Any]) -> list[str]:
             f"| {_pct(tuned['wer'], tuned.get('wer_ci'))} | {_reduction(reduction, ci, _units(block))} "
             f"| {_verdict(reduction, ci, _units(block))} |"
         )
+    for kind in KINDS:
+        for name, why in ((metrics.get("summary") or {}).get(kind) or {}).get("left_out", {}).items():
+            lines.append(f"\n{_esc(name)} is left out of the {kind} pool: {_esc(why)} (its audio counts once).")
     lines += [
         "",
         "Decoding: windows decoded and utterances flagged as likely hallucination (repeated n-gram loops, "
@@ -144,7 +148,8 @@ def _terms_section(metrics: dict[str, Any]) -> list[str]:
         "## Medical terms by category",
         "",
         "Term error rate = (missed + inserted category terms) / category terms in the references; recall = terms "
-        "recognised exactly / terms; inserted = category terms in the hypothesis that the reference lacks there.",
+        "recognised exactly / terms; inserted = category terms in the hypothesis that the reference lacks there. "
+        "A term recognised as another term counts twice, missed and inserted, so an error rate can pass 100%.",
         "",
         "| set | category | terms | error rate (base / fine-tuned) | recall (base / fine-tuned) "
         "| inserted (base / fine-tuned) |",
@@ -201,24 +206,31 @@ def _roles_section(predictions: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _worst_section(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The fine-tuned model's worst units by WER, ties by errors then id: utterances (long-form recordings have their
+    own per-set figures), or the recordings when the held-out sets are all long-form."""
     tuned = [r for r in rows if r["model"] == "finetuned"]
+    short = [r for r in tuned if not r.get("long_form")]
+    unit = "utterances" if short or not tuned else "recordings"
+    ranked = [r for r in (short or tuned) if errors(r) and r["reference_words"] >= WORST_MIN_WORDS]
+    worst = sorted(ranked, key=lambda r: (-errors(r) / r["reference_words"], -errors(r), str(r["id"]), r["set"]))
     base = {(r["set"], r["id"]): r for r in rows if r["model"] == "base"}
-    worst = sorted((r for r in tuned if errors(r)), key=lambda r: (-errors(r), str(r["id"]), r["set"]))[:WORST]
     lines = [
-        f"## The {WORST} worst utterances (fine-tuned model, held-out sets)",
+        f"## The {WORST} worst {unit} (fine-tuned model, held-out sets)",
         "",
-        "Aligned word diff of the normalised texts: `[ref->hyp]` a substitution, `[-ref]` a word missed, "
-        "`[+hyp]` a word inserted; long runs of correct words are shortened to `...`.",
+        f"By WER (errors / reference words, {WORST_MIN_WORDS} words or more). Aligned word diff of the normalised "
+        "texts: `[ref->hyp]` a substitution, `[-ref]` a word missed, `[+hyp]` a word inserted; long runs of correct "
+        "words are shortened to `...`.",
         "",
     ]
-    for i, row in enumerate(worst, 1):
+    for i, row in enumerate(worst[:WORST], 1):
         other = base.get((row["set"], row["id"]))
         base_note = f"; base: {_count(errors(other), 'error')}" if other else ""
         role = f", {row['role']}" if row.get("role") else ""
         lines += [
             f"### {i}. {_esc(row['set'])} / {_esc(str(row['id']))}{role}",
             "",
-            f"{_count(errors(row), 'error')} in {_count(row['reference_words'], 'reference word')}{base_note}.",
+            f"{_count(errors(row), 'error')} in {_count(row['reference_words'], 'reference word')} "
+            f"(WER {_pct(errors(row) / row['reference_words'])}){base_note}.",
             "",
             "~~~text",
             *(textwrap.wrap(word_diff(row["reference_norm"], row["hypothesis_norm"]), WIDTH) or [""]),

@@ -60,7 +60,7 @@ def test_a_set_block_holds_intervals_terms_flags_and_windows_and_its_rows_say_wh
     (tmp_path / "audio").mkdir()
     rows = [{"id": k, "audio_filepath": f"audio/{k}.flac", "duration": 1.0, "text": v} for k, v in refs.items()]
     for r in rows:
-        (tmp_path / r["audio_filepath"]).write_bytes(b"")
+        silence(tmp_path / r["audio_filepath"])
     ev = tiny_params(**{"eval.chunk_s": 10.0, "eval.chunk_overlap_s": 3.0}).eval
     block, predictions = eval_stage.compare(
         {name: SimpleNamespace(name=name, device=SimpleNamespace(type="cpu")) for name in hyps},
@@ -96,6 +96,116 @@ def test_a_set_block_holds_intervals_terms_flags_and_windows_and_its_rows_say_wh
     looping = next(p for p in predictions if p["model"] == "base" and p["id"] == "day1_consultation01_patient")
     assert looping["role"] == "patient" and set(looping["hallucination"]) == {"repeated_ngram", "too_long"}
     assert next(p for p in predictions if p["id"] == "narration")["role"] is None
+
+
+def silence(path: Path, seconds: float = 1.0) -> None:
+    """A readable 16 kHz FLAC: eval decodes every file before the models see it."""
+    import numpy as np
+
+    from medasr.audio import write_flac
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_flac(path, np.zeros(int(16000 * seconds), dtype=np.float32), 16000)
+
+
+class FakeModel:
+    """What eval.run touches of a SALM besides decoding (stood in for): placement, and the two modules whose inputs
+    `observed_dtypes` watches."""
+
+    def __init__(self, name: str):
+        import torch
+
+        self.name, self.module = name, torch.nn.Linear(1, 1)
+        self.perception = SimpleNamespace(preprocessor=torch.nn.Identity(), encoder=torch.nn.Identity())
+        self.device = torch.device("cpu")
+
+    def to(self, **kwargs):
+        self.module.to(**kwargs)
+        return self
+
+    def eval(self):
+        return self
+
+    def parameters(self):
+        return self.module.parameters()
+
+
+def test_eval_run_pools_each_source_once_records_its_model_and_skips_corrupt_audio(tmp_path, monkeypatch, caplog):
+    """`run` with both models stood in for (each "model" a function of the file name): a corrupt and a missing file
+    among good ones are counted, not fatal; a source scored by utterance and long-form is pooled once; eval.json
+    names the model folder it scored and each test set's source, and holds no headline sentence."""
+    import medasr.export
+    import medasr.model
+    from medasr.export import eval_results
+    from medasr.inference import Transcript
+
+    decoded: list[str] = []
+    events: list[str] = []
+    planned = eval_stage.window_plans
+
+    def window_plans(paths, chunk_s, overlap_s):
+        events.append("plan")
+        return planned(paths, chunk_s, overlap_s)
+
+    def transcribe_long(model, paths, batch_size, max_new_tokens, chunk_s, overlap_s):
+        events.append(model.name)
+        decoded.extend(p.name for p in paths)
+        return [Transcript("the patient is well" if model.name == "finetuned" else "the patient", 1) for p in paths]
+
+    monkeypatch.setattr(eval_stage, "transcribe_long", transcribe_long)
+    monkeypatch.setattr(eval_stage, "window_plans", window_plans)
+    monkeypatch.setattr(medasr.export, "load_model", lambda folder: FakeModel("finetuned"))
+    monkeypatch.setattr(medasr.model, "base_model", lambda *args: FakeModel("base"))
+    manifests = _manifests(tmp_path, train=False)
+    for r in rows(2):
+        silence(manifests / r["audio_filepath"])
+    source = {"dataset": "data/sources/consults", "kind": "textgrid", "config": None, "split": None, "revision": None}
+    testsets = tmp_path / "testsets"
+    for name, ids in (("consults", ["a", "b", "corrupt", "missing"]), ("consults_long", ["whole"])):
+        folder = testsets / name
+        clips = [{"id": i, "audio_filepath": f"audio/{i}.flac", "duration": 1.0, "text": "the patient is well"}
+                 for i in ids]  # fmt: skip
+        for clip in clips:
+            if clip["id"] not in ("corrupt", "missing"):
+                silence(folder / clip["audio_filepath"])
+        (folder / "audio" / "corrupt.flac").write_bytes(b"fLaC" + bytes(200))  # a FLAC's magic, then nonsense
+        (folder / "manifest.json").write_text("".join(json.dumps(c) + "\n" for c in clips))
+        (folder / "source.json").write_text(json.dumps(source | {"long_form": name.endswith("long")}))
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    meta = {"fingerprint": "f" * 16, "step": 8, "precision": "32", "base": {"id": "tiny"}}
+    (model_dir / "medasr.json").write_text(json.dumps(meta))
+    p = tiny_params(
+        **{
+            "eval.train_sample": 0,
+            "eval.test_sets": [
+                {"name": "consults", "dataset": "data/sources/consults"},
+                {"name": "consults_long", "dataset": "data/sources/consults", "long_form": True},
+            ],
+        }
+    )
+    metrics_file = tmp_path / "eval.json"
+    out = [metrics_file, tmp_path / "predictions.jsonl", tmp_path / "report.md", tmp_path / "plot.json"]
+    metrics = eval_stage.run(p.eval, p.model, p.lora, p.train.seed, manifests, testsets, model_dir, *out)
+
+    consults = metrics["test"]["consults"]
+    assert consults["finetuned"]["skipped_audio"] == consults["base"]["skipped_audio"] == 2
+    assert consults["finetuned"]["utterances"] == 2 and "corrupt.flac" not in decoded
+    # per set (val, then the two test sets) the windows are planned once, before (outside) either model's timing
+    assert events == ["plan", "finetuned", "base"] * 3
+    assert "consults: 2 unreadable audio file(s) skipped: corrupt, missing" in caplog.text
+    assert {k: consults[k] for k in ("dataset", "config", "split", "revision", "hub")} == {
+        "dataset": "data/sources/consults", "config": None, "split": None, "revision": None, "hub": False
+    }  # fmt: skip
+    medical = metrics["summary"]["medical"]
+    assert medical["sets"] == ["consults"] and medical["utterances"] == 2
+    assert medical["left_out"] == {"consults_long": "same source as consults"}
+    assert "headline" not in metrics["summary"] and json.loads(metrics_file.read_text()) == metrics
+    assert "Medical WER (1 test set, 2 units)" in (tmp_path / "report.md").read_text()
+    assert metrics["runtime"]["model"] == {"fingerprint": "f" * 16, "step": 8}
+    assert eval_results(model_dir, metrics_file) == metrics  # export's card carries these results
+    (model_dir / "medasr.json").write_text(json.dumps(meta | {"step": 12}))  # a later export of the same run
+    assert eval_results(model_dir, metrics_file) is None and "the card has no results" in caplog.text
 
 
 def _manifests(tmp_path: Path, train: bool) -> Path:
@@ -138,6 +248,29 @@ def test_eval_refuses_in_one_line_before_loading_any_model(tmp_path, monkeypatch
             tmp_path / "predictions.jsonl",
         )
     assert not (tmp_path / "eval.json").exists() and not (tmp_path / "predictions.jsonl").exists()
+
+
+def test_an_empty_term_category_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    import medasr.export
+    from medasr import terms
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    shipped = terms.resources.files("medasr.resources").joinpath("terms")
+    for category in terms.CATEGORIES:
+        (tmp_path / "terms" / f"{category}.txt").parent.mkdir(exist_ok=True)
+        (tmp_path / "terms" / f"{category}.txt").write_text(shipped.joinpath(f"{category}.txt").read_text())
+    (tmp_path / "terms" / "anatomy.txt").write_text("# every word deleted\n")
+    monkeypatch.setattr(terms.resources, "files", lambda package: tmp_path)
+    monkeypatch.setattr(medasr.export, "load_model", no_loading)
+    terms.term_categories.cache_clear()
+    try:
+        p = tiny_params(**{"eval.test_sets": []})
+        with pytest.raises(StageError, match=r"medasr/resources/terms/anatomy\.txt lists no words"):
+            eval_stage.run(p.eval, p.model, p.lora, p.train.seed, tmp_path / "none", model_dir=tmp_path / "none")
+    finally:
+        terms.term_categories.cache_clear()
 
 
 def safetensors_dtypes(path: Path) -> set[str]:
@@ -188,7 +321,8 @@ def test_bf16_experiment_trains_and_evaluates_in_bf16_with_fp32_audio(tmp_path, 
         "preprocessor_input": "float32",
         "encoder_input": "bfloat16",
     }
-    assert evaluated["runtime"] == {"precision": "bf16", "finetuned": observed, "base": observed}
+    scored = {"fingerprint": json.loads((model_dir / "medasr.json").read_text())["fingerprint"], "step": 4}
+    assert evaluated["runtime"] == {"precision": "bf16", "model": scored, "finetuned": observed, "base": observed}
 
     # the training sample: the same block as val's, on the clips pick_sample names, tagged in the predictions
     sample = evaluated["train_sample"]

@@ -28,6 +28,8 @@ RESULTS = {
             "wer_reduction": 0.0327,
             "wer_reduction_ci": [0.012, 0.051],
             "kind": "medical",
+            "dataset": "data/sources/primock57",  # a local source: hub-only keys null
+            **{"config": None, "split": None, "revision": None, "hub": False},
         },
         "librispeech_clean": {
             "finetuned": {"wer": 0.021, "wer_ci": [0.015, 0.027], "utterances": 300},
@@ -35,6 +37,13 @@ RESULTS = {
             "wer_reduction": -0.005,
             "wer_reduction_ci": [-0.009, -0.001],
             "kind": "general",
+            **{
+                "dataset": "openslr/librispeech_asr",
+                "config": "clean",
+                "split": "test",
+                "revision": "main",
+                "hub": True,
+            },
         },
     },
 }
@@ -49,10 +58,17 @@ def test_card_metadata_is_what_the_hub_parses_back():
     data = ModelCard(text).data  # huggingface_hub's own parser, offline
     assert (data.language, data.license, data.base_model) == ("en", "cc-by-4.0", "nvidia/canary-qwen-2.5b")
     assert data.pipeline_tag == "automatic-speech-recognition" and "medical" in data.tags
-    wers = {r.dataset_name: (r.task_type, r.dataset_type, r.metric_type, r.metric_value) for r in data.eval_results}
+    wers = {r.dataset_name: (r.task_type, r.metric_type, r.metric_value) for r in data.eval_results}
     assert wers == {
-        "primock57": ("automatic-speech-recognition", "primock57", "wer", 12.34),
-        "librispeech_clean": ("automatic-speech-recognition", "librispeech_clean", "wer", 2.1),
+        "primock57": ("automatic-speech-recognition", "wer", 12.34),
+        "librispeech_clean": ("automatic-speech-recognition", "wer", 2.1),
+    }
+    # the dataset as the hub knows it: its id, config, split and revision; a local source by the set's name
+    datasets = {r.dataset_name: (r.dataset_type, r.dataset_config, r.dataset_split, r.dataset_revision)
+                for r in data.eval_results}  # fmt: skip
+    assert datasets == {
+        "primock57": ("primock57", None, None, None),
+        "librispeech_clean": ("openslr/librispeech_asr", "clean", "test", "main"),
     }
     index = data.to_dict()["model-index"]
     name, results = model_index_to_eval_results(index)
@@ -179,7 +195,9 @@ def test_export_pushes_to_the_hub_with_a_quiet_console(tmp_path, monkeypatch):
     meta |= {"trainable": list(p.model.trainable), "precision": "32", "step": 8, "fingerprint": "f" * 16}
     export(model, tmp_path / MODEL_DIR, meta, self_contained=True)
     (tmp_path / EVAL_METRICS).parent.mkdir(parents=True)
-    (tmp_path / EVAL_METRICS).write_text(json.dumps(RESULTS))
+    (tmp_path / EVAL_METRICS).write_text(
+        json.dumps(RESULTS | {"runtime": {"model": {"fingerprint": "f" * 16, "step": 8}}})
+    )
 
     hub = FakeHub(SECRET)
     try:

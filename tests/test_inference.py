@@ -64,6 +64,75 @@ def test_files_decode_in_groups_of_bounded_audio_each_whole_file_in_one_group():
     assert _groups([], 3600) == []
 
 
+class ScriptedSalm:
+    """Stands in for SALM in `transcribe_long`'s decode path: it "hears" each window as the text scripted for the
+    window's length in samples (the id it generates), then the end token."""
+
+    device = torch.device("cpu")
+    training = False
+    text_eos_id = -1
+
+    def __init__(self, said: dict[int, str]):
+        self.said, self.tokenizer = said, self
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
+
+    def generate(self, prompts, audios, audio_lens, **kwargs):
+        return torch.stack([audio_lens, torch.full_like(audio_lens, self.text_eos_id)], dim=1)
+
+    def ids_to_text(self, ids):
+        return self.said[ids[0]]
+
+
+def test_windows_decode_in_time_order_and_merge_only_where_the_overlap_holds_speech(tmp_path, monkeypatch):
+    import numpy as np
+    import soundfile as sf
+
+    from medasr import longform
+    from medasr.inference import transcribe_long
+    from medasr.longform import window_plans
+
+    # the VAD's findings, by file: the patient's channel is silent from 6.5 s to 11 s, while the doctor talks
+    speech = {16.5 * 16_000: [(0.5, 6.5), (11.0, 16.0)], 16.8 * 16_000: [(0.5, 16.3)]}
+    heard: list[int] = []
+
+    def regions(audio):
+        heard.append(len(audio))
+        return speech[len(audio)]
+
+    monkeypatch.setattr(longform, "speech_regions", regions)
+    patient, spoken, short = tmp_path / "patient.flac", tmp_path / "spoken.flac", tmp_path / "short.flac"
+    for path, seconds in ((patient, 16.5), (spoken, 16.8), (short, 3.0)):
+        sf.write(path, np.zeros(int(seconds * 16_000), dtype=np.float32), 16_000)
+    plans = window_plans([patient, spoken, short], 10.0, 3.0)  # what eval does before its timed decode
+    assert [len(p.windows) for p in plans] == [2, 2, 1]
+    assert [s.speech for p in plans for s in p.seams] == [False, True]
+    scripts = [
+        ["yeah i have had a headache for about a week now and it is getting worse",
+         "okay yeah it started after the flu i think"],
+        ["i have had a headache for about a week now", "about a week now and it is getting worse"],
+        ["thank you"],
+    ]  # fmt: skip
+    said = {
+        round((end - start) * 16_000): text
+        for p, s in zip(plans, scripts, strict=True)
+        for (start, end), text in zip(p.windows, s, strict=True)
+    }
+    assert len(said) == 5  # the windows' lengths tell them apart
+    done = transcribe_long(ScriptedSalm(said), [patient, spoken, short], 4, 8, 10.0, 3.0)
+    assert [t.windows for t in done] == [2, 2, 1]
+    # no speech in the overlap: the windows are joined as they are, though they share "yeah" and "it"
+    assert done[0].text == " ".join(scripts[0])
+    # speech in it: the common run "about a week now" is the seam
+    assert done[1].text == "i have had a headache for about a week now and it is getting worse"
+    assert done[2].text == "thank you"
+    assert len(heard) == 2  # each long file went through the VAD once: the plans eval made first were reused
+
+
 def _model_folder(tmp_path, meta: dict):
     (tmp_path / "medasr.json").write_text(json.dumps(meta))
     return tmp_path

@@ -21,7 +21,7 @@ import soundfile as sf
 import torch
 from helpers import REPO, run_env, tiny_params
 
-from medasr.longform import merge_transcripts, plan_windows, speech_regions
+from medasr.longform import Seam, merge_transcripts, plan_windows, seams_of, speech_regions
 
 RATE = 16_000
 CONSULTATION = (
@@ -72,9 +72,9 @@ def test_recognition_errors_in_the_overlap_neither_duplicate_nor_drop_the_words_
     right = "tablets of amoxicilin daily for a week and come back"
     assert merge_transcripts([left, right]) == "we will start two tablets of amoxicillin daily for a week and come back"
     # and errors at both window edges (a word cut in two) are left out for the other window's reading
-    left = "take one tablet twice a day with fo"
-    right = "ay with food for seven days"
-    assert merge_transcripts([left, right]) == "take one tablet twice a day with food for seven days"
+    left = "take one tablet twice a day with your fo"
+    right = "ay with your food for seven days"
+    assert merge_transcripts([left, right]) == "take one tablet twice a day with your food for seven days"
 
 
 def test_windows_that_share_no_word_are_concatenated_dropping_nothing():
@@ -88,6 +88,48 @@ def test_a_word_common_to_both_windows_but_outside_the_overlap_halves_is_not_a_s
     left = "pain in the back since last week and"
     right = "since last week and now the pain"
     assert merge_transcripts([left, right]) == "pain in the back since last week and now the pain"
+
+
+PATIENT = "yeah i have had a headache for about a week now and it is getting worse"
+LATER = "okay yeah it started after the flu i think"
+
+
+def test_one_common_word_is_no_seam_and_a_silent_overlap_is_never_merged():
+    # "yeah" and "it" are in both halves, by chance: the patient's channel was silent in the overlap
+    assert merge_transcripts([PATIENT, LATER]) == f"{PATIENT} {LATER}"
+    silent = Seam(0.0, 0.0, False)
+    assert merge_transcripts([PATIENT, LATER], [silent]) == f"{PATIENT} {LATER}"
+    # even a long common run is no seam when the VAD heard nothing in the overlap (or there was no overlap)
+    assert merge_transcripts(["i think it is the flu", "i think it is the flu"], [silent]) == (
+        "i think it is the flu i think it is the flu"
+    )
+    # with speech in the overlap the same windows do merge
+    assert merge_transcripts(["i think it is the flu", "is the flu"], [Seam(0.4, 1.0, True)]) == "i think it is the flu"
+
+
+def test_a_seam_is_only_looked_for_in_the_overlaps_share_of_each_windows_words():
+    left = "the pain is in my chest and it gets worse when i climb the stairs"  # 15 words
+    right = "when i climb the stairs i get short of breath and the pain is in my chest again"  # 18 words
+    # the overlap holds a fifth of each window's speech: "when i climb the stairs" is the seam, while the longer
+    # "the pain is in my chest" lies far outside it (the left window's start, the right one's end)
+    seam = Seam(0.2, 0.2, True)
+    assert merge_transcripts([left, right], [seam]) == (
+        "the pain is in my chest and it gets worse when i climb the stairs i get short of breath and the pain is "
+        "in my chest again"
+    )
+    # the windows' first and last few words only: the run lies outside, so nothing is merged (nor dropped)
+    assert merge_transcripts([left, right], [Seam(0.01, 0.01, True)]) == f"{left} {right}"
+    with pytest.raises(ValueError, match="2 windows need 1 seams, got 0"):
+        merge_transcripts([left, right], [])
+
+
+def test_seams_carry_the_overlaps_share_of_each_windows_speech_and_whether_it_holds_any():
+    windows = [(0.0, 10.0), (7.0, 17.0), (17.0, 25.0)]  # the last pair does not overlap (chunk_overlap_s = 0)
+    speech = [(1.0, 3.0), (6.0, 8.0), (9.0, 12.0)]
+    # the overlap 7-10 holds 1 + 1 = 2 s of speech; the left window 2 + 2 + 1 = 5 s, the right 1 + 3 = 4 s
+    assert seams_of(windows, speech) == [Seam(2 / 5, 2 / 4, True), Seam(0, 0, False)]
+    assert seams_of(windows, [(1.0, 6.5), (10.5, 20.0)]) == [Seam(0, 0, False), Seam(0, 0, False)]  # silent overlap
+    assert seams_of([(0.0, 5.0)], speech) == []
 
 
 def test_single_and_empty_windows():
@@ -170,6 +212,66 @@ def test_speech_regions_find_the_espeak_speech_of_a_demo_consultation_and_not_it
     silence = audio[int(4 * RATE) : int(7 * RATE)]  # between the first two utterances
     assert speech_regions(silence) == []
     assert speech_regions(np.zeros(RATE * 5, dtype=np.float32)) == []
+
+
+def test_the_vad_runs_on_one_thread_and_hands_the_decoder_back_all_of_its_threads(monkeypatch):
+    import silero_vad
+
+    # frame by frame on tiny tensors, several threads make the VAD 4-30 times slower (100 s of silence took 52 s)
+    seen: list[int] = []
+
+    def timestamps(samples, model, **kwargs):
+        seen.append(torch.get_num_threads())
+        if len(seen) == 2:
+            raise RuntimeError("the VAD failed")
+        return [{"start": 0.5, "end": 1.0}]
+
+    monkeypatch.setattr(silero_vad, "get_speech_timestamps", timestamps)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # more than one whatever the machine, so the test can fail
+    try:
+        assert speech_regions(np.zeros(RATE, dtype=np.float32)) == [(0.5, 1.0)]
+        assert torch.get_num_threads() == 3
+        with pytest.raises(RuntimeError, match="the VAD failed"):
+            speech_regions(np.zeros(RATE, dtype=np.float32))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1, 1]
+
+
+def test_window_plans_are_made_once_per_file_version_and_window_setting(tmp_path, monkeypatch):
+    from medasr import longform
+    from medasr.longform import WindowPlan, window_plans
+
+    heard: list[int] = []  # the VAD's runs (each costs a second per minute of audio)
+
+    def regions(audio):
+        heard.append(len(audio))
+        return [(0.5, len(audio) / RATE - 0.5)]
+
+    monkeypatch.setattr(longform, "speech_regions", regions)
+    long, short = tmp_path / "long.flac", tmp_path / "short.flac"
+    sf.write(long, np.zeros(25 * RATE, dtype=np.float32), RATE)
+    sf.write(short, np.zeros(4 * RATE, dtype=np.float32), RATE)
+    plans = window_plans([long, short, long], 10.0, 3.0)
+    assert len(heard) == 1  # the long file only, once
+    windows = plan_windows(25.0, [(0.5, 24.5)], 10.0, 3.0)
+    assert plans[0] == plans[2] == WindowPlan(tuple(windows), tuple(seams_of(windows, [(0.5, 24.5)])))
+    assert plans[1] == WindowPlan(((0.0, 4.0),), ())  # fits in a window: no VAD
+    assert len(plans[0].windows) == 4 and all(seam.speech for seam in plans[0].seams)
+    # the same file however its path is spelt: no second VAD run
+    (tmp_path / "sub").mkdir()
+    assert window_plans([tmp_path / "sub" / ".." / "long.flac"], 10.0, 3.0) == [plans[0]]
+    assert len(heard) == 1
+    # other window settings, or the file rewritten: planned again
+    assert window_plans([long], 10.0, 2.0)[0] != plans[0] and len(heard) == 2
+    sf.write(long, np.zeros(30 * RATE, dtype=np.float32), RATE)
+    assert window_plans([long], 10.0, 3.0)[0].windows[-1][1] == 30.0 and len(heard) == 3
+    # a missing file is one window of nothing: decoding it raises the real error
+    assert window_plans([tmp_path / "gone.flac"], 10.0, 3.0) == [WindowPlan(((0.0, 0.0),), ())]
+    with pytest.raises(ValueError, match="0 <= overlap_s < chunk_s"):
+        window_plans([long], 10.0, 10.0)
 
 
 # ---------------------------------------------------------------------------------------------------- e2e

@@ -219,6 +219,8 @@ def inside(value: float, interval: list[float]) -> bool:
 def demo_evidence(clone: Path, stdout: str, evaluated: dict, rows: list[dict], tmp_path: Path) -> None:
     """What `make demo` shows beyond WER: intervals, the pooled summary, terms by category, long-form windows,
     metrics/report.md, the plots, and the headline table it ends with."""
+    from medasr.evidence import headline
+    from medasr.export import model_identity
     from medasr.report import headline_table
     from medasr.terms import CATEGORIES
 
@@ -240,22 +242,26 @@ def demo_evidence(clone: Path, stdout: str, evaluated: dict, rows: list[dict], t
     assert all(r["windows"] == 1 for r in rows if r["duration"] <= 10.0)  # up to eval.chunk_s: decoded whole
 
     summary = evaluated["summary"]
-    assert summary["medical"]["sets"] == ["demo_consultations", "demo_consultations_long"]
-    assert summary["general"]["sets"] == ["demo_general"]
     tests = evaluated["test"]
+    # the consultations by utterance and long-form are one source: pooled once, as the first set listed
+    assert tests["demo_consultations"]["dataset"] == tests["demo_consultations_long"]["dataset"]
+    assert summary["medical"]["sets"] == ["demo_consultations"]
+    assert summary["medical"]["left_out"] == {"demo_consultations_long": "same source as demo_consultations"}
+    assert summary["general"]["sets"] == ["demo_general"] and summary["general"]["left_out"] == {}
+    assert evaluated["runtime"]["model"] == model_identity(clone / "models" / "canary-qwen-medical-lora")
     assert summary["medical"]["utterances"] == sum(
         tests[n]["finetuned"]["utterances"] for n in summary["medical"]["sets"]
     )
     assert summary["general"]["wer_change"] == pytest.approx(
         tests["demo_general"]["finetuned"]["wer"] - tests["demo_general"]["base"]["wer"]
     )
-    assert isinstance(summary["headline"], str) and summary["headline"].startswith("Medical WER (2 test sets")
+    assert "headline" not in summary and headline(summary).startswith("Medical WER (1 test set, ")
 
     report = (clone / "metrics" / "report.md").read_text()
     for section in ("## WER per set", "## Medical terms by category", "## Most-missed terms", "## WER per speaker role",
                     "## The 10 worst utterances"):  # fmt: skip
         assert section in report, section
-    assert summary["headline"][:40] in report
+    assert headline(summary)[:40] in report
 
     # `dvc plots show` renders the WER per set (both models, every set) and the training curves
     shown = json.loads(run(clone, "dvc", "plots", "show", "--json").stdout)
