@@ -96,5 +96,6 @@ def demo_run(tmp_path_factory, s3_server) -> DemoRun:
     clone = scratch_clone(tmp_path_factory.mktemp("demo-run"))
     # `make demo` starts with `medasr remote setup` (the bucket, from MEDASR_S3_URL); `-o install`: reuse the test
     # venv instead of creating one in the clone
-    demo = run(clone, "make", "-o", "install", "demo", f"VENV={VENV_BIN.parent}", env=env)
+    # --no-print-directory: under CI's `make test` this make is a sub-make, which would print its directory changes
+    demo = run(clone, "make", "--no-print-directory", "-o", "install", "demo", f"VENV={VENV_BIN.parent}", env=env)
     return DemoRun(clone, demo, env)

@@ -321,7 +321,8 @@ def test_bf16_experiment_trains_and_evaluates_in_bf16_with_fp32_audio(tmp_path, 
         "preprocessor_input": "float32",
         "encoder_input": "bfloat16",
     }
-    scored = {"fingerprint": json.loads((model_dir / "medasr.json").read_text())["fingerprint"], "step": 4}
+    meta = json.loads((model_dir / "medasr.json").read_text())  # the exported step: the best validation's
+    scored = {"fingerprint": meta["fingerprint"], "step": meta["step"]}
     assert evaluated["runtime"] == {"precision": "bf16", "model": scored, "finetuned": observed, "base": observed}
 
     # the training sample: the same block as val's, on the clips pick_sample names, tagged in the predictions

@@ -11,6 +11,7 @@ import json
 import math
 
 import pytest
+import soundfile as sf
 import torch
 from helpers import committed_params_text, tiny_params
 from typer.testing import CliRunner
@@ -206,7 +207,7 @@ def test_bf16_training_casts_the_model_and_the_batch_but_not_its_audio():
 @pytest.mark.e2e
 @needs_bf16
 def test_a_bf16_model_decodes_fp32_audio_into_bf16_features_in_budgeted_batches(demo_manifests):
-    from medasr.inference import _length, observed_dtypes, prompt_tokens, transcribe
+    from medasr.inference import observed_dtypes, prompt_tokens, transcribe
     from medasr.model import base_model
 
     p = tiny_params()
@@ -237,7 +238,7 @@ def test_a_bf16_model_decodes_fp32_audio_into_bf16_features_in_budgeted_batches(
     }
 
     # a budget of the longest clip's positions: transcribe decodes in exactly the batches plan_batches plans
-    seconds = [_length(c) for c in clips]
+    seconds = [sf.info(str(c)).duration for c in clips]
     fixed = prompt_tokens(model) + 4
     budget = max(math.ceil(s * FRAMES_PER_SECOND) for s in seconds) + fixed
     planned = plan_batches(seconds, 4, budget, fixed)

@@ -53,7 +53,7 @@ def train(ws: Path, log: Path | None = None, **popen) -> subprocess.Popen:
 
 
 def final_weights(ws: Path, step: int) -> dict:
-    (run_dir,) = (ws / "checkpoints" / "train").iterdir()
+    (run_dir,) = (d for d in (ws / "checkpoints" / "train").iterdir() if d.is_dir())  # beside validation.json
     return torch.load(run_dir / f"step-{step:08d}" / "state.ckpt", weights_only=False)["state_dict"]
 
 

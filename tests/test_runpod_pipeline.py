@@ -41,6 +41,7 @@ def demo_params() -> dict[str, object]:
     """`make demo`'s params overrides, read from the Makefile so the two never drift apart."""
     makefile = (REPO / "Makefile").read_text()
     block = makefile[makefile.index("DEMO_PARAMS :=") : makefile.index(".PHONY")]
+    block = re.sub(r"\\\n\s*", " ", block)  # make joins a continued line with one space
     import yaml
 
     overrides = re.findall(r"-S (?:'([^']*)'|(\S+))", block)  # -S key=value or -S 'key=value with spaces'

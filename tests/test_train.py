@@ -262,7 +262,7 @@ def _workspace(root: Path, manifests: Path, p) -> Path:
 
 
 def _final_state(ws: Path) -> dict:
-    run_dir = next((ws / "checkpoints" / "train").iterdir())
+    run_dir = next(d for d in (ws / "checkpoints" / "train").iterdir() if d.is_dir())
     return torch.load(run_dir / "step-00000030" / STATE, weights_only=False, map_location="cpu")
 
 
