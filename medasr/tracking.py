@@ -176,8 +176,9 @@ def loggers(
         os.environ.pop("WANDB_SERVICE", None)
         import wandb
 
-        # W&B reads WANDB_SILENT (medasr/log.py) at setup; Lightning's logger draws a notice before W&B's own setup
-        wandb.setup()
+        # W&B reads WANDB_SILENT (medasr/log.py) at setup; Lightning's logger draws a notice before W&B's own setup.
+        # The mode must be given here too: a setup without it is online, and then asks for a key even offline.
+        wandb.setup(settings=wandb.Settings(mode="offline" if info["offline"] else "online"))
 
         logger = WandbLogger(
             project=info["project"],
