@@ -94,6 +94,16 @@ def probe(data: bytes | None) -> Probe:
     return Probe(audio.samples.shape[0], audio.sample_rate, audio.channels)
 
 
+def audio_problem(path: Path) -> str | None:
+    """Why the file at `path` cannot be decoded as the model reads it (missing, corrupt, no samples), or None:
+    eval and `medasr transcribe` leave such a file out and say so, instead of failing the whole run."""
+    try:
+        samples = to_model_input(decode(Path(path).read_bytes()))
+    except (OSError, AudioDecodeError) as exc:
+        return str(exc)
+    return None if samples.size else "no audio samples"
+
+
 def map_clips(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
     """`map(fn, items)` in order, on as many threads as usable cores: libsndfile, soxr and hashlib release the GIL
     while they work, so per-clip audio work scales with cores without process start-up or pickling costs."""

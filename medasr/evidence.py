@@ -115,12 +115,8 @@ def headline(summary: dict[str, Any]) -> str:
     if medical is None or medical["wer_reduction"] is None:
         gain = "Medical WER: no medical test set was scored, so there is no evidence of a gain"
     else:
-        verdict = (
-            _too_few(medical)
-            if medical["excludes_zero"] is None
-            else ("a real gain" if medical["wer_reduction"] > 0 else "a real loss") + ", the interval excludes zero"
-            if medical["excludes_zero"]
-            else "not distinguishable from no change, the interval includes zero"
+        verdict = _verdict(
+            medical, medical["wer_reduction"] > 0, ("a real gain", "a real loss"), "not distinguishable from no change"
         )
         gain = (
             f"Medical WER ({_count(medical['sets'], 'test set')}, {medical['utterances']} units): "
@@ -130,13 +126,8 @@ def headline(summary: dict[str, Any]) -> str:
     if general is None or general["wer_change"] is None:
         forgetting = "general speech: no general set was scored, so forgetting is unchecked"
     else:
-        verdict = (
-            _too_few(general)
-            if general["excludes_zero"] is None
-            else ("forgetting" if general["wer_change"] > 0 else "general speech improved")
-            + ", the interval excludes zero"
-            if general["excludes_zero"]
-            else "no measurable forgetting, the interval includes zero"
+        verdict = _verdict(
+            general, general["wer_change"] > 0, ("forgetting", "general speech improved"), "no measurable forgetting"
         )
         forgetting = (
             f"general WER ({_count(general['sets'], 'set')}, {general['utterances']} units): "
@@ -146,8 +137,13 @@ def headline(summary: dict[str, Any]) -> str:
     return f"{gain}; {forgetting}."
 
 
-def _too_few(pooled: dict[str, Any]) -> str:
-    return f"too few units to tell from noise (a verdict needs {MIN_UNITS})"
+def _verdict(pooled: dict[str, Any], positive: bool, changes: tuple[str, str], no_change: str) -> str:
+    """What a pooled entry's interval says: `changes` is (the positive change, the negative one)."""
+    if pooled["excludes_zero"] is None:
+        return f"too few units to tell from noise (a verdict needs {MIN_UNITS})"
+    if pooled["excludes_zero"]:
+        return f"{changes[0] if positive else changes[1]}, the interval excludes zero"
+    return f"{no_change}, the interval includes zero"
 
 
 def _pair(interval: tuple[float, float]) -> list[float]:

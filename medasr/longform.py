@@ -84,6 +84,18 @@ def _cut(lo: float, hi: float, target: float, silences: Sequence[tuple[float, fl
     return target if best is None else best[2]
 
 
+def check_window_settings(chunk_s: float, overlap_s: float) -> None:
+    """The window settings' one rule (eval.chunk_s / chunk_overlap_s, `medasr transcribe --chunk-s/--overlap-s`):
+    windows the model can hear whole, and that advance. Raises ValueError."""
+    from medasr.params import MODEL_MAX_AUDIO_SECONDS
+
+    if not (0 < chunk_s <= MODEL_MAX_AUDIO_SECONDS and 0 <= overlap_s < chunk_s):
+        raise ValueError(
+            f"need 0 < chunk_s <= {MODEL_MAX_AUDIO_SECONDS:g} (the model's limit) and 0 <= overlap_s < chunk_s, "
+            f"got chunk_s {chunk_s:g} and overlap_s {overlap_s:g}"
+        )
+
+
 def plan_windows(
     duration: float, speech: Sequence[tuple[float, float]], chunk_s: float, overlap_s: float
 ) -> list[tuple[float, float]]:
@@ -92,8 +104,7 @@ def plan_windows(
     `overlap_s` (between half and one and a half times it). Each window ends, and the next one starts, in the longest
     silence near where a fixed stride would cut (a window's end may move back by a quarter of the stride, the next
     start by half the overlap), so words are rarely cut in two; a hard cut where there is no silence there."""
-    if not 0 <= overlap_s < chunk_s:
-        raise ValueError(f"need 0 < chunk_s and 0 <= overlap_s < chunk_s, got {chunk_s} and {overlap_s}")
+    check_window_settings(chunk_s, overlap_s)
     if duration <= chunk_s:
         return [(0.0, duration)]
     silences = _silences(speech, duration)
@@ -209,10 +220,7 @@ def window_plans(paths: Sequence[Path], chunk_s: float, overlap_s: float) -> lis
     0 for an unreadable file, whose decode raises the real error), else the windows `plan_windows` cuts at the VAD's
     silences, with their seams. Computed once per process for a file's version (resolved path, size, mtime) and the
     window settings; only plans are kept (a few numbers each), never audio."""
-    from medasr.params import MODEL_MAX_AUDIO_SECONDS
-
-    if not (0 < chunk_s <= MODEL_MAX_AUDIO_SECONDS and 0 <= overlap_s < chunk_s):
-        raise ValueError(f"need 0 < chunk_s <= {MODEL_MAX_AUDIO_SECONDS:g} and 0 <= overlap_s < chunk_s")
+    check_window_settings(chunk_s, overlap_s)
     plans = []
     for path in paths:
         try:

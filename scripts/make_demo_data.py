@@ -186,6 +186,15 @@ def make_consultations() -> None:
     print(f"wrote {len(CONSULTATIONS)} consultations to {CONSULTATIONS_OUT}")
 
 
+def write_metadata(folder: Path, rows: list[dict[str, str]]) -> None:
+    """An audiofolder's metadata.csv (file_name, text, speaker, utterance_id) for the clips written under `folder`."""
+    with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {len(rows)} clips to {folder}")
+
+
 def make_general() -> None:
     (GENERAL_OUT / "audio").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -194,11 +203,7 @@ def make_general() -> None:
         name = f"audio/general_{i:03d}.flac"
         sf.write(GENERAL_OUT / name, store(audio, rate, 16000, 1), 16000, subtype="PCM_16")
         rows.append({"file_name": name, "text": text, "speaker": voice, "utterance_id": f"general_{i:03d}"})
-    with open(GENERAL_OUT / "metadata.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {len(rows)} clips to {GENERAL_OUT}")
+    write_metadata(GENERAL_OUT, rows)
 
 
 def make_demo() -> None:
@@ -211,11 +216,7 @@ def make_demo() -> None:
         name = f"audio/demo_{i:03d}_{tag}.flac"
         sf.write(OUT / name, store(audio, rate, target_rate, channels), target_rate, subtype="PCM_16")
         rows.append({"file_name": name, "text": text, "speaker": voice, "utterance_id": f"demo_{i:03d}"})
-    with open(OUT / "metadata.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {len(rows)} clips to {OUT}")
+    write_metadata(OUT, rows)
 
 
 def main() -> None:

@@ -229,25 +229,24 @@ def transcribe(
 
     Unreadable files are reported on stderr and skipped; the exit code is 1 if any was skipped.
     """
-    if not 0 < chunk_s <= MODEL_MAX_AUDIO_SECONDS or not 0 <= overlap_s < chunk_s:
-        typer.echo(
-            f"error: need 0 < --chunk-s <= {MODEL_MAX_AUDIO_SECONDS:g} (the model's limit) and 0 <= --overlap-s < "
-            f"--chunk-s; got --chunk-s {chunk_s:g} --overlap-s {overlap_s:g}",
-            err=True,
-        )
-        raise typer.Exit(EXIT_BAD_PARAMS)
-    from medasr.audio import AudioDecodeError, decode
+    from medasr.longform import check_window_settings
+
+    try:
+        check_window_settings(chunk_s, overlap_s)
+    except ValueError as exc:
+        typer.echo(f"error: --chunk-s / --overlap-s: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_PARAMS) from None
+    from medasr.audio import audio_problem
     from medasr.device import place
     from medasr.export import load_model, model_precision
     from medasr.inference import transcribe_long
 
     readable = []
     for path in audio:
-        try:
-            decode(path.read_bytes())
+        if problem := audio_problem(path):
+            typer.echo(f"skipped {path}: {problem}", err=True)
+        else:
             readable.append(path)
-        except (OSError, AudioDecodeError) as exc:
-            typer.echo(f"skipped {path}: {exc}", err=True)
     precision = _one_line_errors(lambda: model_precision(model))  # before loading: a wrong folder fails at once
     loaded = place(_one_line_errors(lambda: load_model(model)), precision)  # the accelerator, as in training
     done = transcribe_long(loaded, readable, batch_size, max_new_tokens, chunk_s, overlap_s)

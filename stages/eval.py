@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from medasr import StageError, report
-from medasr.audio import AudioDecodeError, decode, map_clips, to_model_input
+from medasr.audio import audio_problem, map_clips
 from medasr.clips import speaker_role
 from medasr.evidence import add_intervals, summary
 from medasr.export import model_identity, model_precision
@@ -144,13 +144,7 @@ def readable_rows(audio_set: str, rows: list[dict[str, Any]], base: Path) -> lis
     """The rows whose audio decodes as the model will read it; a missing or corrupt file is left out with a warning
     (counted as `skipped_audio`), so one bad file never ends an eval run."""
 
-    def decodes(row: dict[str, Any]) -> bool:
-        try:
-            return to_model_input(decode((base / row["audio_filepath"]).read_bytes())).size > 0
-        except (OSError, AudioDecodeError):
-            return False
-
-    ok = list(map_clips(decodes, rows))
+    ok = list(map_clips(lambda row: audio_problem(base / row["audio_filepath"]) is None, rows))
     if bad := [str(row["id"]) for row, good in zip(rows, ok, strict=True) if not good]:
         log.warning("%s: %d unreadable audio file(s) skipped: %s", audio_set, len(bad), ", ".join(bad[:5]))
     return [row for row, good in zip(rows, ok, strict=True) if good]
